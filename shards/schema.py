@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .errors import InputError
+
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 ITEM_SHARD_PREFIX = "items"
@@ -285,20 +287,20 @@ def _shard_list(doc: Mapping[str, Any], kind: ShardKind, path: Path) -> tuple[Sh
             for s in doc["shards"][kind]
         )
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: field 'shards.{kind}' is malformed ({e!r})") from None
+        raise InputError(f"{path}: field 'shards.{kind}' is malformed ({e!r})") from None
 
 
 def load_manifest(folder: str | Path) -> Manifest:
-    """Read and check ``folder/manifest.json``; a clear ``ValueError`` names what is wrong."""
+    """Read and check ``folder/manifest.json``; an :class:`InputError` names what is wrong."""
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
-        raise ValueError(f"{path}: no manifest (is {folder} a folder written by 'python -m shards build'?)")
+        raise InputError(f"{path}: no manifest (is {folder} a folder written by 'python -m shards build'?)")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid UTF-8 JSON ({e})") from None
+        raise InputError(f"{path}: not valid UTF-8 JSON ({e})") from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA_VERSION:
-        raise ValueError(f"{path}: field 'schema': expected {SCHEMA_VERSION}")
+        raise InputError(f"{path}: field 'schema': expected {SCHEMA_VERSION}")
     try:
         counts = doc["counts"]
         manifest = Manifest(
@@ -312,8 +314,13 @@ def load_manifest(folder: str | Path) -> Manifest:
             raw=doc,
         )
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: missing or malformed field ({e})") from None
+        raise InputError(f"{path}: missing or malformed field ({e})") from None
     if len(manifest.popularity) != manifest.n_items:
         n_pop = len(manifest.popularity)
-        raise ValueError(f"{path}: field 'popularity' has {n_pop} entries for {manifest.n_items} items")
+        raise InputError(f"{path}: field 'popularity' has {n_pop} entries for {manifest.n_items} items")
     return manifest
+
+
+def dumps_manifest(doc: dict[str, Any]) -> str:
+    """The manifest's text: stable key order, so identical builds give identical bytes."""
+    return json.dumps(doc, ensure_ascii=False, sort_keys=True, indent=1) + "\n"

@@ -6,8 +6,8 @@ leave dangling labels; the parts that appear are joined by one space. Example::
 
     "{title}.|Genres: {genres}.|{plot}"  ->  "Toy Story (1995). Genres: Animation, Comedy."
 
-Lists render as comma-separated values. With no template, every field is used, values joined
-by ". ". Whitespace runs collapse to one space; an item whose text renders empty has no text.
+Lists render as comma-separated values. With no template, every field is used, in order, each
+value ending with a period. Whitespace runs collapse to one space; an item whose text renders empty has no text.
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ class Template:
                 texts[name] = _value_text(fields.get(name))
             except TypeError as e:
                 raise TypeError(f"field {name!r}: {e}") from None
-        if self.parts is None:
-            out = ". ".join(t for t in texts.values() if t)
+        if self.parts is None:  # "Title. Description." -- no doubled period after a value that ends a sentence
+            out = " ".join(t if t[-1] in ".!?" else t + "." for t in texts.values() if t)
         else:
             rendered = [part.format(**texts) for part, names in self.parts if all(texts[n] for n in names)]
             out = " ".join(r.strip() for r in rendered if r.strip())

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from tqdm import tqdm
-
 from ..errors import InputError, Skips
+from ..progress import bar
 
 FieldValue = str | int | float | list | None
 
@@ -64,14 +63,10 @@ def require_file(folder: Path, name: str, what: str) -> Path:
 
 def _progress_lines(path: Path, progress: bool) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, raw line) with a byte-based progress bar."""
-    with (
-        open(path, "rb") as f,
-        tqdm(
-            total=path.stat().st_size, unit="B", unit_scale=True, desc=path.name, disable=not progress, leave=False
-        ) as bar,
-    ):
+    size = path.stat().st_size
+    with open(path, "rb") as f, bar(enabled=progress, total=size, unit="B", unit_scale=True, desc=path.name) as b:
         for number, raw in enumerate(f, start=1):
-            bar.update(len(raw))
+            b.update(len(raw))
             yield number, raw
 
 

@@ -1,0 +1,350 @@
+"""Build one domain's WebDataset shards from a source-format folder.
+
+Steps: read items and interactions (the format reader), render item texts (the template), order
+each user's interactions by time (ties keep file order), keep the most recent ``max_seq_len``,
+filter to the k-core, re-encode the images of the surviving catalog, then write
+``items-*.tar``, ``seqs-*.tar`` and ``manifest.json`` into a temporary sibling folder that is
+renamed into place only when everything is written and checksummed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+
+from . import __version__, schema
+from .errors import InputError, Skips
+from .formats import RawItem, open_reader
+from .images import ImageError, reencode_file
+from .progress import bar as progress_bar
+from .text import Template, TemplateError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How a domain is turned into shards (saved in the manifest under ``options``)."""
+
+    format: str = "generic"
+    """Source layout of the input folder."""
+    domain: str | None = None
+    """Domain name recorded in the manifest (default: the input folder's name)."""
+    min_user_interactions: int = 5
+    """k-core: users with fewer interactions are dropped (at least 3: a training item plus two targets)."""
+    min_item_interactions: int = 1
+    """k-core: items with fewer interactions are dropped (filtering repeats until both bounds hold)."""
+    max_seq_len: int = 50
+    """Only each user's most recent interactions are kept (applied before the k-core filter)."""
+    image_size: int = 224
+    """Longest side of the re-encoded JPEGs, in pixels (smaller images are not enlarged)."""
+    jpeg_quality: int = 90
+    """JPEG quality of the re-encoded images."""
+    samples_per_shard: int = 256
+    """Samples per tar file (a multiple of ranks x data workers keeps every reader busy)."""
+    text_template: str | None = None
+    """Item text template, parts separated by '|' (see shards.text); default: the format's."""
+    workers: int = 1
+    """Processes re-encoding images."""
+
+    def __post_init__(self) -> None:
+        if self.min_user_interactions < schema.MIN_SEQ_LEN:
+            raise InputError(f"min_user_interactions must be at least {schema.MIN_SEQ_LEN} (train item + 2 targets)")
+        if self.min_item_interactions < 1:
+            raise InputError("min_item_interactions must be at least 1")
+        if self.max_seq_len < self.min_user_interactions:
+            raise InputError("max_seq_len must be at least min_user_interactions")
+        for name, low, high in (("image_size", 8, 4096), ("jpeg_quality", 1, 100), ("samples_per_shard", 1, 10**7)):
+            if not low <= getattr(self, name) <= high:
+                raise InputError(f"{name} must be in [{low}, {high}], got {getattr(self, name)}")
+        if self.workers < 1:
+            raise InputError("workers must be at least 1")
+        if self.domain is not None:
+            _check_domain_name(self.domain)
+
+
+def _check_domain_name(name: str) -> str:
+    try:
+        return schema.check_key(name)
+    except ValueError:
+        raise InputError(f"domain name {name!r}: use letters, digits, '_' and '-' only") from None
+
+
+@dataclass
+class _Catalog:
+    """Items as read: parallel lists indexed by an internal slot, and the id -> slot map."""
+
+    ids: list[str] = field(default_factory=list)
+    texts: list[str | None] = field(default_factory=list)
+    images: list[Path | None] = field(default_factory=list)
+    slot: dict[str, int] = field(default_factory=dict)
+
+
+def _render_text(item: RawItem, template: Template, skips: Skips) -> str | None:
+    """The item's text; a field of the wrong type is dropped with a counted skip."""
+    fields = dict(item.fields)
+    while True:
+        try:
+            return template.render(fields)
+        except TypeError as e:
+            name = str(e).split("'")[1]
+            skips.add(item.file, item.line, name, f"wrong type: {str(e).split(': ', 1)[1]}")
+            fields.pop(name)
+
+
+def _read_catalog(items: Iterable[RawItem], template: Template, skips: Skips) -> _Catalog:
+    cat = _Catalog()
+    for item in items:
+        if item.id in cat.slot:
+            skips.add(item.file, item.line, "id", f"duplicate item id: {item.id!r} (the first definition is kept)")
+            continue
+        cat.slot[item.id] = len(cat.ids)
+        cat.ids.append(item.id)
+        cat.texts.append(_render_text(item, template, skips))
+        cat.images.append(item.image)
+    return cat
+
+
+Event = tuple[float, int, int]  # (timestamp or 0, file order, item slot)
+
+
+def _read_sequences(reader_interactions: Iterable, cat: _Catalog, skips: Skips) -> tuple[dict[str, list[Event]], bool]:
+    """Per user, (time, order, slot) events in file order; and whether the source has timestamps."""
+    users: dict[str, list[Event]] = {}
+    timed = None
+    for order, inter in enumerate(reader_interactions):
+        slot = cat.slot.get(inter.item)
+        if slot is None:
+            skips.add(inter.file, inter.line, "item", f"unknown item id: {inter.item!r}")
+            continue
+        if timed is None:
+            timed = inter.timestamp is not None
+        users.setdefault(inter.user, []).append((inter.timestamp or 0.0, order, slot))
+    return users, bool(timed)
+
+
+def _order_and_truncate(users: dict[str, list[Event]], max_len: int) -> int:
+    """Sort each user's events by time (stable: equal times keep file order), keep the newest; returns dropped."""
+    dropped = 0
+    for events in users.values():
+        events.sort()  # (time, order): order is unique, so ties in time fall back to file order
+        if len(events) > max_len:
+            dropped += len(events) - max_len
+            del events[: len(events) - max_len]
+    return dropped
+
+
+def _k_core(users: dict[str, list[Event]], min_user: int, min_item: int) -> None:
+    """Drop users and items below their bounds, repeatedly, until both hold (in place)."""
+    while True:
+        for user in [u for u, ev in users.items() if len(ev) < min_user]:
+            del users[user]
+        counts = Counter(slot for ev in users.values() for _, _, slot in ev)
+        rare = {slot for slot, c in counts.items() if c < min_item}
+        if not rare:
+            return
+        for events in users.values():
+            events[:] = [e for e in events if e[2] not in rare]
+
+
+def _encode_images(paths: list[Path | None], opts: BuildOptions, skips: Skips, progress: bool) -> list[bytes | None]:
+    """JPEG bytes per catalog position (None: no image, or an unreadable one, counted)."""
+    todo = [(i, p) for i, p in enumerate(paths) if p is not None]
+    jobs = [(p, opts.image_size, opts.jpeg_quality) for _, p in todo]
+    out: list[bytes | None] = [None] * len(paths)
+    with ProcessPoolExecutor(opts.workers) if opts.workers > 1 else contextlib.nullcontext() as pool:
+        results = pool.map(_encode_one, jobs, chunksize=64) if pool else map(_encode_one, jobs)
+        for (i, path), result in progress_bar(zip(todo, results), enabled=progress, total=len(todo), desc="images"):
+            if isinstance(result, str):
+                skips.add(path.name, None, "image", result)
+            else:
+                out[i] = result
+    return out
+
+
+def _encode_one(job: tuple[Path, int, int]) -> bytes | str:
+    try:
+        return reencode_file(*job)
+    except ImageError as e:
+        return str(e)
+
+
+def _write_shards(
+    folder: Path, kind: schema.ShardKind, samples: Iterable[dict], per_shard: int, total: int, progress: bool
+) -> list[dict[str, Any]]:
+    """Write samples into numbered tar files; returns the manifest's shard list."""
+    shards: list[dict[str, Any]] = []
+    writer, count = None, 0
+    bar = progress_bar(enabled=progress, total=total, desc=f"{kind} shards", unit="sample")
+    for sample in samples:
+        if writer is None:
+            name = schema.shard_name(kind, len(shards))
+            writer, count = wds.TarWriter(str(folder / name), encoder=False, mtime=0, user="momrec", group="momrec"), 0
+        writer.write(sample)
+        count += 1
+        bar.update()
+        if count == per_shard:
+            writer.close()
+            shards.append(_shard_info(folder / name, count))
+            writer = None
+    if writer is not None:
+        writer.close()
+        shards.append(_shard_info(folder / name, count))
+    bar.close()
+    return shards
+
+
+def _shard_info(path: Path, samples: int) -> dict[str, Any]:
+    return {"name": path.name, "samples": samples, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class _Domain:
+    """The filtered domain, ready to write: catalog in index order, users in index order."""
+
+    items: list[schema.Item]
+    users: list[tuple[str, list[Event]]]
+    timed: bool
+    slot_to_index: dict[int, int]
+
+
+def _assemble(
+    cat: _Catalog, users: dict[str, list[Event]], timed: bool, opts: BuildOptions, skips: Skips, progress: bool
+) -> _Domain:
+    """Catalog = items still interacted with, sorted by id; users sorted by id."""
+    used = sorted({slot for ev in users.values() for _, _, slot in ev}, key=lambda s: cat.ids[s])
+    images = _encode_images([cat.images[s] for s in used], opts, skips, progress)
+    items = [schema.Item(index=i, id=cat.ids[s], text=cat.texts[s], image=images[i]) for i, s in enumerate(used)]
+    return _Domain(items, sorted(users.items()), timed, {s: i for i, s in enumerate(used)})
+
+
+def _sequence(dom: _Domain, index: int) -> schema.Sequence:
+    user, events = dom.users[index]
+    catalog = [dom.slot_to_index[slot] for _, _, slot in events]
+    distinct = list(dict.fromkeys(catalog))
+    position = {c: p for p, c in enumerate(distinct)}
+    return schema.Sequence(
+        index=index,
+        id=user,
+        items=tuple(dom.items[c] for c in distinct),
+        seq=tuple(position[c] for c in catalog),
+        timestamps=tuple(t for t, _, _ in events) if dom.timed else None,
+    )
+
+
+def _counts(dom: _Domain, before: dict[str, int]) -> dict[str, Any]:
+    has = Counter(tuple(it.modalities) for it in dom.items)
+    return {
+        "users": len(dom.users),
+        "items": len(dom.items),
+        "interactions": sum(len(ev) for _, ev in dom.users),
+        "items_text_and_image": has[("text", "image")],
+        "items_text_only": has[("text",)],
+        "items_image_only": has[("image",)],
+        "items_without_content": has[()],
+        "before_filtering": before,
+    }
+
+
+def _popularity(dom: _Domain) -> list[int]:
+    """Training interactions per catalog index (each user's last two, the eval targets, excluded)."""
+    counts = [0] * len(dom.items)
+    for _, events in dom.users:
+        for _, _, slot in events[:-2]:
+            counts[dom.slot_to_index[slot]] += 1
+    return counts
+
+
+def build(
+    input_dir: str | Path, out_dir: str | Path, opts: BuildOptions, *, overwrite: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Build ``out_dir`` from ``input_dir``; returns the manifest. Raises :class:`InputError` on bad input."""
+    input_dir, out_dir = Path(input_dir), Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise InputError(f"output folder {out_dir} exists; pass --overwrite to replace it")
+    domain = opts.domain or _check_domain_name(input_dir.resolve().name)
+    reader = open_reader(opts.format, input_dir, progress)
+    try:
+        template = Template.parse(opts.text_template if opts.text_template is not None else reader.default_template)
+    except TemplateError as e:
+        raise InputError(str(e)) from None
+    skips = Skips()
+    cat = _read_catalog(reader.items(skips), template, skips)
+    if not cat.ids:
+        raise InputError(f"no readable item in {input_dir} ({len(skips)} records skipped)")
+    users, timed = _read_sequences(reader.interactions(skips), cat, skips)
+    before = {"users": len(users), "items": len(cat.ids), "interactions": sum(map(len, users.values()))}
+    before["interactions_beyond_max_seq_len"] = _order_and_truncate(users, opts.max_seq_len)
+    _k_core(users, opts.min_user_interactions, opts.min_item_interactions)
+    if not users:
+        raise InputError(f"no user of {input_dir} has {opts.min_user_interactions} interactions after filtering")
+    dom = _assemble(cat, users, timed, opts, skips, progress)
+    manifest = {
+        "schema": schema.SCHEMA_VERSION,
+        "domain": domain,
+        "format": opts.format,
+        "momrec_version": __version__,
+        "options": {**asdict(opts), "domain": domain},
+        "timestamps": timed,
+        "counts": _counts(dom, before),
+        "popularity": _popularity(dom),
+        "skipped_counts": skips.counts(),
+        "skipped": skips.as_json(),
+    }
+    _write_atomically(dom, manifest, out_dir, opts, progress)
+    log.info("built %s: %s", out_dir, {k: v for k, v in manifest["counts"].items() if k != "before_filtering"})
+    return manifest
+
+
+def _write_atomically(
+    dom: _Domain, manifest: dict[str, Any], out_dir: Path, opts: BuildOptions, progress: bool
+) -> None:
+    """Write into a hidden sibling folder; rename it into place once complete (a crash leaves no complete-looking
+    output: the manifest is the last file written, and ``out_dir`` appears only by the final rename)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        items = (schema.encode_item(it) for it in dom.items)
+        seqs = (schema.encode_seq(_sequence(dom, u)) for u in range(len(dom.users)))
+        per = opts.samples_per_shard
+        manifest["shards"] = {
+            "items": _write_shards(tmp, "items", items, per, len(dom.items), progress),
+            "seqs": _write_shards(tmp, "seqs", seqs, per, len(dom.users), progress),
+        }
+        text = schema.dumps_manifest(manifest)
+        (tmp / schema.MANIFEST_NAME).write_text(text, encoding="utf-8")
+        _replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace(new: Path, target: Path) -> None:
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        os.rename(target, old)
+        os.rename(new, target)
+        shutil.rmtree(old)
+    else:
+        os.rename(new, target)

@@ -1,0 +1,105 @@
+"""``inspect`` (what a built domain holds) and ``verify`` (every shard against the manifest)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+from PIL import Image
+
+from . import schema
+from .build import sha256_file
+
+
+def read_shard(path: Path) -> Iterator[dict[str, Any]]:
+    """Raw samples of one tar (field -> bytes; no decoder runs, so nothing is unpickled)."""
+    return iter(wds.DataPipeline(wds.SimpleShardList([str(path)]), wds.tarfile_to_samples()))
+
+
+def _image_desc(data: bytes | None) -> str:
+    if data is None:
+        return "none"
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return f"{img.format} {img.width}x{img.height}, {len(data)} bytes"
+    except OSError as e:
+        return f"unreadable ({e})"
+
+
+def summary(folder: str | Path) -> str:
+    """A readable summary of a built domain and one decoded sample of each kind."""
+    folder = Path(folder)
+    m = schema.load_manifest(folder)
+    c = m.raw["counts"]
+    lines = [
+        f"domain {m.domain!r} ({m.raw.get('format')}) in {folder}",
+        f"  users {c['users']:,}  items {c['items']:,}  interactions {c['interactions']:,}"
+        f"  (before filtering: {c['before_filtering']})",
+        f"  items: text+image {c['items_text_and_image']:,}  text only {c['items_text_only']:,}"
+        f"  image only {c['items_image_only']:,}  no content {c['items_without_content']:,}",
+        f"  timestamps: {'yes' if m.raw.get('timestamps') else 'no (source order)'}",
+    ]
+    for kind in ("items", "seqs"):
+        shards = m.shards(kind)
+        size = sum(s.bytes for s in shards)
+        lines.append(f"  {kind}: {len(shards)} shard(s), {size / 2**20:.1f} MiB")
+    lines.append(f"  skipped records: {sum(m.raw['skipped_counts'].values())} {m.raw['skipped_counts']}")
+    if m.item_shards:
+        item = schema.decode_item(next(read_shard(folder / m.item_shards[0].name)))
+        lines += ["first item:", f"  id {item.id!r}  text {item.text!r}", f"  image {_image_desc(item.image)}"]
+    if m.seq_shards:
+        seq = schema.decode_seq(next(read_shard(folder / m.seq_shards[0].name)))
+        ids = [seq.items[p].id for p in seq.seq]
+        lines += [
+            f"first sequence: user {seq.id!r}, {len(ids)} interactions: {ids[:10]}{' ...' if len(ids) > 10 else ''}"
+        ]
+        for it in seq.items[:3]:
+            lines.append(f"  item {it.id!r}: text {it.text!r:.70}  image {_image_desc(it.image)}")
+    return "\n".join(lines)
+
+
+def verify(folder: str | Path) -> list[str]:
+    """Problems found (empty: the folder matches its manifest byte for byte and every sample decodes)."""
+    folder = Path(folder)
+    m = schema.load_manifest(folder)
+    problems: list[str] = []
+    listed = {s.name for kind in ("items", "seqs") for s in m.shards(kind)}
+    for extra in sorted(p.name for p in folder.glob("*.tar") if p.name not in listed):
+        problems.append(f"{extra}: shard not listed in the manifest")
+    for kind in ("items", "seqs"):
+        seen: list[int] = []
+        for info in m.shards(kind):
+            problems += _verify_shard(folder / info.name, info, kind, m, seen)
+        expected = m.n_items if kind == "items" else m.n_users
+        if sorted(seen) != list(range(expected)):
+            problems.append(f"{kind}: sample indices are not exactly 0..{expected - 1} ({len(seen)} samples)")
+    return problems
+
+
+def _verify_shard(path: Path, info: schema.ShardInfo, kind: str, m: schema.Manifest, seen: list[int]) -> list[str]:
+    if not path.is_file():
+        return [f"{info.name}: missing"]
+    if path.stat().st_size != info.bytes:
+        return [f"{info.name}: {path.stat().st_size} bytes, manifest says {info.bytes}"]
+    if sha256_file(path) != info.sha256:
+        return [f"{info.name}: checksum differs from the manifest"]
+    problems, count = [], 0
+    try:
+        for raw in read_shard(path):
+            count += 1
+            if kind == "items":
+                seen.append(schema.decode_item(raw).index)
+            else:
+                seq = schema.decode_seq(raw)
+                seen.append(seq.index)
+                bad = [it.index for it in seq.items if not 0 <= it.index < m.n_items]
+                if bad:
+                    problems.append(f"{info.name}: user {seq.id!r} refers to items outside the catalog: {bad[:5]}")
+    except (schema.SampleError, ValueError, OSError) as e:
+        problems.append(f"{info.name}: {e}")
+    if count != info.samples:
+        problems.append(f"{info.name}: {count} samples, manifest says {info.samples}")
+    return problems
