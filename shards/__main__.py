@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
 import logging
 import sys
+import textwrap
 from collections.abc import Sequence
+from typing import Any
 
 from .errors import InputError
 from .schema import SampleError
@@ -16,22 +20,40 @@ _EPILOG = """examples:
   python -m shards build --format generic --input data/synth/books --out shards/books
   python -m shards inspect shards/books
   python -m shards verify shards/books
+  python -m shards stream shards/books shards/movies --batch-size 8 --batches 2
 """
 
 
-def _field_help(cls: type, name: str) -> str:
-    """The docstring under a dataclass field (they are the single source of option help)."""
-    import ast
-    import inspect
-    import textwrap
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each dataclass field (they are the single source of option help)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {
+        node.target.id: str(nxt.value.value)
+        for node, nxt in zip(body, body[1:])
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+        and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+    }  # fmt: skip
 
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == name:
-            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                return str(nxt.value.value)
-    return ""
+
+def add_options(parser: argparse.ArgumentParser, cls: type, choices: dict[str, Sequence[str]] | None = None) -> None:
+    """One --option per field of dataclass ``cls``, typed from its annotation, documented by its docstring."""
+    docs, choices = _field_docs(cls), choices or {}
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kw: dict = {"default": default, "help": docs.get(f.name, "")}
+        if f.type == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif f.type.startswith("tuple[float"):
+            kw.update(type=float, nargs=len(default), metavar="X")
+        else:
+            kw["type"] = int if f.type == "int" else float if f.type == "float" else str
+        if f.name in choices:
+            kw["choices"] = list(choices[f.name])
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def options_from(args: argparse.Namespace, cls: type) -> Any:
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 def _add_build(sub: argparse._SubParsersAction) -> None:
@@ -47,11 +69,21 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder (created atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    for f in dataclasses.fields(BuildOptions):
-        flag = "--" + f.name.replace("_", "-")
-        kind = int if f.type in ("int", int) else str
-        extra = {"choices": sorted(FORMATS)} if f.name == "format" else {}
-        p.add_argument(flag, type=kind, default=f.default, help=_field_help(BuildOptions, f.name), **extra)
+    add_options(p, BuildOptions, {"format": sorted(FORMATS)})
+
+
+def _add_stream(sub: argparse._SubParsersAction) -> None:
+    from .stream import SPLITS, StreamConfig
+
+    p = sub.add_parser(
+        "stream",
+        help="stream training batches from built domains and describe them",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("folders", nargs="+", help="folders written by 'build' (pooled into one stream)")
+    p.add_argument("--batches", type=int, default=3, help="batches to describe")
+    p.add_argument("--epoch", type=int, default=0, help="epoch to stream")
+    add_options(p, StreamConfig, {"split": SPLITS})
 
 
 def _add_synth(sub: argparse._SubParsersAction) -> None:
@@ -74,9 +106,13 @@ def _run(args: argparse.Namespace) -> int:
         from .build import BuildOptions, build
         from .inspect import summary
 
-        names = [f.name for f in dataclasses.fields(BuildOptions)]
-        opts = BuildOptions(**{n: getattr(args, n) for n in names})
-        build(args.input, args.out, opts, overwrite=args.overwrite, progress=not args.no_progress)
+        build(
+            args.input,
+            args.out,
+            options_from(args, BuildOptions),
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
         print(summary(args.out))
     elif args.command == "synth":
         from .synth import synthesize
@@ -91,6 +127,13 @@ def _run(args: argparse.Namespace) -> int:
             progress=True,
         )
         print("\n".join(f"wrote {f}" for f in folders))
+    elif args.command == "stream":
+        from .inspect import describe_batches
+        from .stream import SequenceStream, StreamConfig
+
+        stream = SequenceStream(args.folders, options_from(args, StreamConfig))
+        stream.set_epoch(args.epoch)
+        print(describe_batches(stream, args.batches))
     elif args.command == "inspect":
         from .inspect import summary
 
@@ -116,6 +159,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _add_build(sub)
     _add_synth(sub)
+    _add_stream(sub)
     for name, text in (
         ("inspect", "print a built domain's summary and one decoded sample"),
         ("verify", "check every shard against the manifest (sizes, checksums, samples)"),

@@ -103,3 +103,24 @@ def _verify_shard(path: Path, info: schema.ShardInfo, kind: str, m: schema.Manif
     if count != info.samples:
         problems.append(f"{info.name}: {count} samples, manifest says {info.samples}")
     return problems
+
+
+def describe_batches(stream: Any, n: int) -> str:
+    """The epoch plan of a :class:`~shards.stream.SequenceStream` and the shapes of its first ``n`` batches."""
+    plan = stream.plan()
+    lines = [
+        f"epoch {plan.epoch}: {plan.batches} batches of {plan.batch_size} per rank"
+        f" x {len(plan.worker_batches)} rank(s);"
+        f" {plan.dropped_samples} of {plan.total_samples} sequences left out (uneven shards, partial batches)"
+    ]
+    for number, batch in zip(range(n), stream):
+        length = batch.seq_mask.sum(1).float()
+        lines.append(
+            f"batch {number}: {len(batch)} sequences (history length {length.min():.0f}-{length.max():.0f}),"
+            f" {len(batch.item_index)} distinct items for {int(batch.seq_mask.sum())} positions:"
+            f" input_ids {tuple(batch.input_ids.shape)}, pixel_values {tuple(batch.pixel_values.shape)}"
+            f" ({int(batch.has_text.sum())} with text, {int(batch.has_image.sum())} with image)"
+        )
+    if stream.stats:
+        lines.append(f"stream events: {dict(stream.stats)}")
+    return "\n".join(lines)
