@@ -101,6 +101,21 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from .bench import BenchOptions
+    from .formats import FORMATS
+
+    p = sub.add_parser(
+        "bench",
+        help="measure build and streaming speed next to plain PIL decoding",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--input", default=None, help="benchmark this dataset folder instead of a synthetic domain")
+    p.add_argument("--format", default="generic", choices=sorted(FORMATS), help="layout of --input")
+    p.add_argument("--json", action="store_true", help="print the measurements as JSON")
+    add_options(p, BenchOptions)
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "build":
         from .build import BuildOptions, build
@@ -134,6 +149,13 @@ def _run(args: argparse.Namespace) -> int:
         stream = SequenceStream(args.folders, options_from(args, StreamConfig))
         stream.set_epoch(args.epoch)
         print(describe_batches(stream, args.batches))
+    elif args.command == "bench":
+        from pathlib import Path
+
+        from .bench import BenchOptions
+        from .bench import main as bench
+
+        bench(options_from(args, BenchOptions), args.input and Path(args.input), args.format, args.json)
     elif args.command == "inspect":
         from .inspect import summary
 
@@ -160,6 +182,7 @@ def parser() -> argparse.ArgumentParser:
     _add_build(sub)
     _add_synth(sub)
     _add_stream(sub)
+    _add_bench(sub)
     for name, text in (
         ("inspect", "print a built domain's summary and one decoded sample"),
         ("verify", "check every shard against the manifest (sizes, checksums, samples)"),
