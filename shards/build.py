@@ -78,7 +78,7 @@ def _check_domain_name(name: str) -> str:
     try:
         return schema.check_key(name)
     except ValueError:
-        raise InputError(f"domain name {name!r}: use letters, digits, '_' and '-' only") from None
+        raise InputError(f"domain name {name!r}: use letters, digits, '_' and '-' only (see --domain)") from None
 
 
 @dataclass

@@ -252,3 +252,38 @@ def test_killed_build_leaves_no_complete_looking_output(tmp_path: Path, existing
             schema.load_manifest(out)
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
     assert leftovers and not (leftovers[0] / "manifest.json").exists()
+
+
+def test_synthetic_round_trip(tmp_path: Path) -> None:
+    """Every source record of a synthetic domain comes back out of the shards, in chronological order."""
+    from shards.synth import synthesize
+
+    (src,) = synthesize(tmp_path / "src", domains=["books"], users_per_domain=12, items_per_domain=24, n_topics=4)
+    out = tmp_path / "out"
+    manifest = build(src, out, small_opts(samples_per_shard=5), progress=False)
+    assert verify(out) == []
+    source_items = [json.loads(line) for line in (src / "items.jsonl").read_text().splitlines()]
+    rows = [line.split(",") for line in (src / "interactions.csv").read_text().splitlines()[1:]]
+    items = {it.id: it for it in all_samples(out, "items")}
+    assert set(items) == {it["id"] for it in source_items}
+    for record in source_items:
+        item = items[record["id"]]
+        assert (item.image is not None) == ("image" in record)
+        assert item.text == (
+            None
+            if "title" not in record
+            else " ".join(
+                v if v.endswith((".", "!", "?")) else v + "." for k, v in record.items() if k not in ("id", "image")
+            )
+        )
+    counts = manifest["counts"]
+    assert counts["items_text_only"] == sum("image" not in r for r in source_items)
+    assert counts["items_image_only"] == sum("title" not in r for r in source_items)
+    assert counts["interactions"] == len(rows)
+    expected: dict[str, list[tuple[float, int, str]]] = {}
+    for order, (user, item, stamp) in enumerate(rows):
+        expected.setdefault(user, []).append((float(stamp), order, item))
+    for seq in all_samples(out, "seqs"):
+        events = sorted(expected[seq.id])
+        assert [seq.items[p].id for p in seq.seq] == [item for _, _, item in events]
+        assert seq.timestamps == tuple(t for t, _, _ in events)
