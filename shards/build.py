@@ -55,6 +55,8 @@ class BuildOptions:
     """Samples per tar file (a multiple of ranks x data workers keeps every reader busy)."""
     text_template: str | None = None
     """Item text template, parts separated by '|' (see shards.text); default: the format's."""
+    images: str | None = None
+    """Folder of item images, where the format allows one elsewhere than its default place."""
     workers: int = 1
     """Processes re-encoding images."""
 
@@ -282,7 +284,7 @@ def build(
     if out_dir.exists() and not overwrite:
         raise InputError(f"output folder {out_dir} exists; pass --overwrite to replace it")
     domain = opts.domain or _check_domain_name(input_dir.resolve().name)
-    reader = open_reader(opts.format, input_dir, progress)
+    reader = open_reader(opts.format, input_dir, images=opts.images, progress=progress)
     try:
         template = Template.parse(opts.text_template if opts.text_template is not None else reader.default_template)
     except TemplateError as e:

@@ -7,7 +7,7 @@ One domain is a folder::
                        optional; every other field is text (string, number, or list of them).
     interactions.csv   header "user,item,timestamp" ("timestamp" optional: unix seconds); one row per
                        interaction; rows of a user with equal timestamps keep their file order.
-    images/            the image files items.jsonl points to
+    images/            the image files items.jsonl points to (paths resolve against ``--images`` if given)
 
 The default text template uses every text field in the line's order (``--text-template`` picks
 fields, see :mod:`shards.text`).
@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import InputError, Skips
+from ..errors import Skips
 from .base import (
     RawInteraction,
     RawItem,
@@ -36,8 +36,9 @@ INTERACTIONS_FILE = "interactions.csv"
 class GenericReader:
     default_template: str | None = None
 
-    def __init__(self, folder: Path, progress: bool = False) -> None:
+    def __init__(self, folder: Path, images: Path | None = None, progress: bool = False) -> None:
         self.folder = folder
+        self.image_root = images or folder
         self.progress = progress
         self.items_path = require_file(folder, ITEMS_FILE, "items")
         self.interactions_path = require_file(folder, INTERACTIONS_FILE, "interactions")
@@ -51,7 +52,7 @@ class GenericReader:
             if not isinstance(item_id, str) or not item_id.strip():
                 skips.add(name, line, "id", f"missing or not a string: {item_id!r}")
                 continue
-            image = resolve_image(self.folder, obj.pop("image", None), skips, name, line, "image")
+            image = resolve_image(self.image_root, obj.pop("image", None), skips, name, line, "image")
             yield RawItem(id=item_id.strip(), fields=obj, image=image, file=name, line=line)
 
     def interactions(self, skips: Skips) -> Iterator[RawInteraction]:
@@ -69,7 +70,5 @@ class GenericReader:
             yield RawInteraction(user=user, item=item, timestamp=stamp, file=name, line=line)
 
 
-def open_generic(folder: Path, progress: bool = False) -> GenericReader:
-    if not folder.is_dir():
-        raise InputError(f"input folder {folder} does not exist")
-    return GenericReader(folder, progress)
+def open_reader(folder: Path, *, images: Path | None = None, progress: bool = False) -> GenericReader:
+    return GenericReader(folder, images, progress)
