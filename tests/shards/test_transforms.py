@@ -9,8 +9,10 @@ from shards.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageDecodeError,
+    crop_pixels,
     decode_image,
     images_to_tensor,
+    normalize_pixels,
     preprocess,
     resize_center_crop,
 )
@@ -89,3 +91,28 @@ def test_flip_is_seeded_and_is_a_mirror() -> None:
     assert 0 < sum(flipped) < len(imgs)  # seed 3 flips some, not all
     for i, was_flipped in enumerate(flipped):
         torch.testing.assert_close(a[i], plain[i].flip(-1) if was_flipped else plain[i], rtol=0, atol=0)
+
+
+def test_uint8_path_is_the_float_path_before_normalization() -> None:
+    imgs = [gradient(20, 16), gradient(9, 30), gradient(16, 16)]
+    raw = images_to_tensor(imgs, 16, flip_rng=random.Random(3), normalize=False)
+    assert raw.dtype == torch.uint8 and raw.shape == (3, 3, 16, 16)
+    flips = [not torch.equal(pixels, crop_pixels(img, 16)) for pixels, img in zip(raw, imgs)]
+    assert all(torch.equal(pixels, crop_pixels(img, 16, f)) for pixels, img, f in zip(raw, imgs, flips))
+    assert 0 < sum(flips) < len(imgs) and raw[:, 0].max() == 255  # seed 3 flips some; the gradient's full red
+    normalized = images_to_tensor(imgs, 16, flip_rng=random.Random(3))  # the same flips
+    torch.testing.assert_close(normalize_pixels(raw), normalized, rtol=0, atol=1e-5)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    torch.testing.assert_close(normalized, (raw.float() / 255 - mean) / std, rtol=0, atol=1e-5)
+    empty = images_to_tensor([], 16, normalize=False)
+    assert empty.shape == (0, 3, 16, 16) and empty.dtype == torch.uint8
+
+
+def test_normalize_pixels_in_other_dtypes() -> None:
+    raw = torch.arange(256, dtype=torch.uint8).repeat(3, 1).view(3, 16, 16)
+    exact = normalize_pixels(raw, dtype=torch.float64)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 0.008)):  # bf16: half its spacing at 2.6
+        out = normalize_pixels(raw, dtype=dtype)
+        assert out.dtype == dtype and out.shape == raw.shape
+        torch.testing.assert_close(out.double(), exact, rtol=0, atol=tol)
+    assert raw.dtype == torch.uint8 and raw[0, 0, 1] == 1  # the input is left alone

