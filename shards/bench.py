@@ -4,9 +4,9 @@ Everything is measured in one run on one machine, so the ratios compare like wit
 
 - build: catalog items per second through ``build`` (reading, templating, JPEG re-encoding, tar writing);
 - stream: sequences and images per second through ``SequenceStream`` (tar reading, shuffle, JSON decoding,
-  tokenization, JPEG decoding, resize + crop + normalize, collation), one epoch;
-- PIL: the same JPEG bytes the stream decoded, through ``Image.open(...).convert("RGB")`` alone, and through
-  PIL decoding plus the stream's transform, in this process.
+  tokenization, JPEG decoding, resize + crop, collation, worker IPC), one epoch, worker start-up included;
+- PIL: the catalog's JPEG bytes, as many as the stream decoded, through ``Image.open(...).convert("RGB")`` alone,
+  and through the stream's decode + resize + crop to uint8, in this process.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from . import schema
@@ -69,15 +70,22 @@ def _catalog_jpegs(folder: Path) -> list[bytes]:
 
 
 def _pil_rate(jpegs: list[bytes], n: int, transform: bool, size: int) -> float:
-    """Images per second decoding ``n`` of the catalog's JPEGs (cycling), optionally with the stream's transform."""
+    """Images per second decoding ``n`` of the catalog's JPEGs (cycling), optionally with the stream's transform.
+
+    One torch thread, as in a DataLoader worker (torch's intra-op threads slow small per-image copies down).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     start = time.perf_counter()
     for i in range(n):
         data = jpegs[i % len(jpegs)]
         if transform:
-            images_to_tensor([decode_image(data)], size)
+            images_to_tensor([decode_image(data, size)], size, normalize=False)  # what a stream worker does
         else:
             Image.open(io.BytesIO(data)).convert("RGB")
-    return n / (time.perf_counter() - start)
+    rate = n / (time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    return rate
 
 
 def run(opts: BenchOptions, input_dir: Path | None = None, fmt: str = "generic") -> dict[str, float]:

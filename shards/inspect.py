@@ -111,7 +111,7 @@ def describe_batches(stream: Any, n: int) -> str:
     lines = [
         f"epoch {plan.epoch}: {plan.batches} batches of {plan.batch_size} per rank"
         f" x {len(plan.worker_batches)} rank(s);"
-        f" {plan.dropped_samples} of {plan.total_samples} sequences left out (uneven shards, partial batches)"
+        f" {plan.dropped_samples} of {plan.total_samples} sequences left out (the remainder of the global batch)"
     ]
     for number, batch in zip(range(n), stream):
         length = batch.seq_mask.sum(1).float()
