@@ -8,12 +8,16 @@ interactions, and records what it cannot read in a :class:`~shards.errors.Skips`
 from __future__ import annotations
 
 import csv
+import fnmatch
+import gzip
+import io
 import json
 import math
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from ..errors import InputError, Skips
 from ..progress import bar
@@ -61,18 +65,48 @@ def require_file(folder: Path, name: str, what: str) -> Path:
     return path
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
 def _progress_lines(path: Path, progress: bool) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw line) with a byte-based progress bar."""
+    """(1-based line number, raw line) with a byte-based progress bar.
+
+    A gzip file (recognised by its magic bytes, whatever its name) is decompressed on the fly; its bar
+    counts compressed bytes read. A truncated or corrupt gzip stream is an :class:`InputError`.
+    """
     size = path.stat().st_size
     with open(path, "rb") as f, bar(enabled=progress, total=size, unit="B", unit_scale=True, desc=path.name) as b:
-        for number, raw in enumerate(f, start=1):
-            b.update(len(raw))
-            yield number, raw
+        if f.read(2) != GZIP_MAGIC:
+            f.seek(0)
+            for number, raw in enumerate(f, start=1):
+                b.update(len(raw))
+                yield number, raw
+            return
+        f.seek(0)
+        yield from _gzip_lines(path, f, b)
+
+
+def _gzip_lines(path: Path, f: BinaryIO, b: Any) -> Iterator[tuple[int, bytes]]:
+    number, done = 0, 0
+    try:
+        with gzip.GzipFile(fileobj=f, mode="rb") as z, io.BufferedReader(z, 1 << 16) as lines:
+            for number, raw in enumerate(lines, start=1):
+                if number % 1024 == 0:  # asking for the compressed position costs a system call: not every line
+                    position = f.tell()
+                    b.update(position - done)
+                    done = position
+                yield number, raw
+    except (EOFError, OSError, zlib.error) as e:  # truncated, or corrupt (BadGzipFile is an OSError)
+        raise InputError(f"corrupt or truncated gzip data after line {number}: {e}", file=path.name) from None
+    b.update(f.tell() - done)
 
 
 def decoded_lines(path: Path, skips: Skips, progress: bool = False) -> Iterator[tuple[int, str]]:
-    """UTF-8 lines without their line ending; a non-UTF-8 line is a counted skip."""
+    """UTF-8 lines without their line ending (and without a byte-order mark opening the file); a non-UTF-8
+    line is a counted skip. Gzip files are read transparently."""
     for number, raw in _progress_lines(path, progress):
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -110,7 +144,7 @@ def read_csv(
     def texts() -> Iterator[str]:  # csv.reader pulls lines; remember each one's number
         for number, text in lines:
             numbers.append(number)
-            yield text
+            yield text + "\n"  # the line end back: a quoted field spanning lines keeps its line break
 
     reader = csv.reader(texts(), delimiter=delimiter)
     header = next(reader, None)
@@ -158,3 +192,30 @@ def parse_timestamp(value: str, skips: Skips, file: str, line: int, field: str) 
         skips.add(file, line, field, f"malformed timestamp: {value!r}")
         return None
     return stamp
+
+
+def require_one(folder: Path, pattern: str | Sequence[str], what: str, *, exclude: str | None = None) -> Path:
+    """The single file of ``folder`` matching the glob ``pattern`` (or any of several globs; names matching the
+    glob ``exclude`` do not count); an :class:`InputError` if none or several."""
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    found = sorted({p for pat in patterns for p in folder.glob(pat) if p.is_file()})
+    found = [p for p in found if exclude is None or not fnmatch.fnmatch(p.name, exclude)]
+    if len(found) != 1:
+        names = ", ".join(p.name for p in found) or "none"
+        raise InputError(f"expected one {what} file {' or '.join(map(repr, patterns))} in {folder}, found {names}")
+    return found[0]
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def find_image(folder: Path, stem: str) -> Path | None:
+    """``folder/<stem>.jpg`` (or .jpeg, .png) if it exists; None otherwise: in layouts that name images by
+    item id, an item without an image file is no error. A stem that is not a plain file name finds nothing."""
+    if not stem or stem.startswith(".") or "/" in stem or "\\" in stem:
+        return None
+    for suffix in IMAGE_SUFFIXES:
+        path = folder / (stem + suffix)
+        if path.is_file():
+            return path
+    return None
