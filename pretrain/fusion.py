@@ -20,6 +20,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .user import Attention
+
 FusionKind = Literal["sum", "concat", "gated", "score", "qformer"]
 
 
@@ -181,37 +183,6 @@ def _log_cosh(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < 10.0, small, large)
 
 
-class Attention(nn.Module):
-    """Multi-head attention written with explicit q/k/v/o ``nn.Linear`` (LoRA- and ZeRO-3-friendly).
-
-    ``mask_BK`` (True = attend) excludes keys; a query with no key to attend to gets the output bias only.
-    """
-
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
-        self.heads, self.dropout = heads, dropout
-        self.q_proj, self.k_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.v_proj, self.o_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
-
-    def forward(self, x_BQD: torch.Tensor, mem_BKD: torch.Tensor, mask_BK: torch.Tensor | None = None) -> torch.Tensor:
-        B, Q, D = x_BQD.shape
-        q_BhQd = self.q_proj(x_BQD).view(B, Q, self.heads, -1).transpose(1, 2)
-        k_BhKd = self.k_proj(mem_BKD).view(B, mem_BKD.shape[1], self.heads, -1).transpose(1, 2)
-        v_BhKd = self.v_proj(mem_BKD).view(B, mem_BKD.shape[1], self.heads, -1).transpose(1, 2)
-        scores_BhQK = q_BhQd @ k_BhKd.transpose(-1, -2) / math.sqrt(q_BhQd.shape[-1])
-        if mask_BK is not None:
-            keep_B11K = mask_BK[:, None, None, :]
-            scores_BhQK = scores_BhQK.masked_fill(~keep_B11K, torch.finfo(scores_BhQK.dtype).min)
-        weights_BhQK = scores_BhQK.softmax(-1)
-        if mask_BK is not None:
-            weights_BhQK = weights_BhQK * keep_B11K  # all-masked rows: uniform weights -> zero
-        weights_BhQK = nn.functional.dropout(weights_BhQK, self.dropout, self.training)
-        out_BQD = (weights_BhQK @ v_BhKd).transpose(1, 2).reshape(B, Q, D)
-        return self.o_proj(out_BQD)
-
-
 class QFormerLayer(nn.Module):
     """Pre-norm: query self-attention, cross-attention to the item's tokens, feed-forward."""
 
@@ -226,8 +197,8 @@ class QFormerLayer(nn.Module):
 
     def forward(self, q_UQD: torch.Tensor, mem_UMD: torch.Tensor, mask_UM: torch.Tensor) -> torch.Tensor:
         h_UQD = self.norm_self(q_UQD)
-        q_UQD = q_UQD + self.self_attn(h_UQD, h_UQD)
-        q_UQD = q_UQD + self.cross_attn(self.norm_cross(q_UQD), mem_UMD, mask_UM)
+        q_UQD = q_UQD + self.self_attn(h_UQD)
+        q_UQD = q_UQD + self.cross_attn(self.norm_cross(q_UQD), mem_UMD, mask_UM[:, None, :])
         return q_UQD + self.ffn(self.norm_ffn(q_UQD))
 
 
