@@ -156,15 +156,16 @@ class _EncoderConfig(_Section):
     """Hugging Face config attributes to change (e.g. a tiny model for tests). With init='pretrained' only keys
     that keep the weights' shapes (dropout probabilities and the like)."""
     trainable: Trainable = "top"
-    """Which weights train: 'all'; 'top' (the top_layers last layers or stages, plus the pooler); 'none'
+    """Which weights train: 'all'; 'top' (the top_layers last layers or stages, plus the final norm); 'none'
     (frozen). A frozen random encoder is allowed (a random-features baseline) but rarely meant."""
     top_layers: int = 2
     """With trainable='top': how many of the last layers (transformer layers, or ResNet/ConvNeXt stages) train."""
     gradient_checkpointing: bool = False
     """Recompute the encoder's activations in the backward pass instead of storing them (less memory, more time)."""
     cache_frozen: bool = False
-    """With trainable='none': compute each item's embedding once and reuse it in later steps (MISSRec's frozen
-    features), instead of re-encoding items every step."""
+    """Cache the frozen bottom's output per item (IISAN): with trainable='top' a step runs only the trainable
+    top layers for items seen before; with 'none' the whole backbone runs once per item (MISSRec's frozen
+    features). The cache clears itself when the frozen weights change."""
     projection: Projection = "linear"
     """Head from the encoder's pooled output to model.user.width: 'linear' (MISSRec's per-modality adapter) or
     'mlp' (two layers, TransRec's image MLP). Always trained."""
@@ -179,9 +180,9 @@ class _EncoderConfig(_Section):
         p = self.PATH
         _check(self.trainable != "top" or self.top_layers >= 1, f"{p}.top_layers", "must be >= 1 with trainable='top'")
         _check(
-            not self.cache_frozen or self.trainable == "none",
+            not self.cache_frozen or self.trainable != "all",
             f"{p}.cache_frozen",
-            f"needs {p}.trainable='none' (the cache would go stale as the encoder trains); got {self.trainable!r}",
+            f"needs a frozen part: {p}.trainable='top' or 'none' (with 'all' nothing stays fixed)",
         )
         _check(self.init == "random" or self.name_or_path is not None, f"{p}.name_or_path", "is needed to load weights")
 
@@ -202,7 +203,7 @@ class TextEncoderConfig(_EncoderConfig):
     """Config attributes to change, e.g. a tiny test model: {hidden_size = 32, num_hidden_layers = 2,
     num_attention_heads = 2, intermediate_size = 37}. Not vocab_size (the tokenizer fixes it)."""
     trainable: Trainable = "top"
-    """'all'; 'top' (the top_layers last transformer layers plus the pooler: TransRec trains the top 2 of BERT);
+    """'all'; 'top' (the top_layers last transformer layers: TransRec trains the top 2 of BERT);
     'none' (frozen)."""
     pooling: Literal["attention", "cls", "mean"] = "mean"
     """Token states -> item vector: 'attention' (TransRec's learned attention pooling), 'cls' (first token),
@@ -234,7 +235,7 @@ class ImageEncoderConfig(_EncoderConfig):
     [1, 1], layer_type = "basic"}. Not image_size or num_channels (set from data.stream.image_size, RGB)."""
     trainable: Trainable = "all"
     """'all' (the default: a randomly initialised encoder must train); 'top' (the top_layers last stages or
-    layers plus the pooler; TransRec trains ResNet layer3, layer4 and fc); 'none' (frozen)."""
+    layers plus the final norm; TransRec trains ResNet layer3, layer4 and fc); 'none' (frozen)."""
     architecture: Literal["resnet", "vit", "convnext"] = "resnet"
     """Backbone family built when init='random' and name_or_path is None (transformers' ResNetModel, ViTModel,
     ConvNextModel; the transformers default config of each, e.g. ResNet-50, changed by config_overrides)."""

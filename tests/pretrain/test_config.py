@@ -149,7 +149,7 @@ def test_bad_toml_names_the_file(tmp_path: Path) -> None:
         (["model.image.enabled=false", "model.fusion.kind=score"], r"model\.fusion\.kind is 'score', which comb"),
         (["model.text.enabled=false", "model.image.enabled=false"], r"model\.text\.enabled or model\.image\.enabled"),
         (["model.user.heads=3"], r"model\.user\.width \(128\) must be divisible by heads"),
-        (["model.text.trainable=top", "model.text.cache_frozen=true"], r"model\.text\.cache_frozen needs"),
+        (["model.text.trainable=all", "model.text.cache_frozen=true"], r"model\.text\.cache_frozen needs"),
         (["model.image.init=pretrained"], r"model\.image\.name_or_path is needed"),
         (["model.image.config_overrides.image_size=64"], r"model\.image\.config_overrides\.image_size"),
         (["model.text.config_overrides.max_position_embeddings=8"], r"max_position_embeddings \(8\) must be >="),
