@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from ..errors import Skips
@@ -47,7 +47,7 @@ def article_id(value: str) -> str:
 @functools.lru_cache(maxsize=1 << 14)  # a transactions file repeats a few hundred distinct days
 def day_seconds(value: str) -> float:
     """'YYYY-MM-DD' as unix seconds at 00:00 UTC; raises ValueError for anything else."""
-    return datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=timezone.utc).timestamp()
+    return datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
 
 
 class HMReader:
