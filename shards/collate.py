@@ -1,4 +1,5 @@
-"""Sequence samples -> training batches: leave-one-out splits, and collation over a table of distinct items.
+"""Sequence samples -> training batches: leave-one-out splits, and collation over a table of distinct items
+(also of catalog items alone, :func:`collate_items`, to encode a domain's whole catalog).
 
 Runs in the DataLoader workers. Shape legend::
 
@@ -81,8 +82,53 @@ def _imagenet_std() -> torch.Tensor:
     return torch.tensor(IMAGENET_STD, dtype=torch.float32)
 
 
+class _Tensors:
+    """``to`` and ``normalized_pixels`` of the dataclasses with an item table (:class:`ItemTable`, :class:`Batch`)."""
+
+    pixel_values: torch.Tensor
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Any:
+        """A copy with every tensor on ``device``."""
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, **moved)
+
+    def normalized_pixels(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(N, 3, S, S) ``(pixel_values / 255 - pixel_mean) / pixel_std`` in ``dtype``, where the pixels are."""
+        return normalize_pixels(self.pixel_values, self.pixel_mean, self.pixel_std, dtype)
+
+
 @dataclass
-class Batch:
+class ItemTable(_Tensors):
+    """Distinct items without sequences: the item-table fields of :class:`Batch` (documented there), e.g. a chunk
+    of a domain's catalog to encode (:func:`collate_items`)."""
+
+    item_domain: torch.Tensor
+    item_index: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    has_text: torch.Tensor
+    pixel_values: torch.Tensor
+    image_row: torch.Tensor
+    has_image: torch.Tensor
+    pixel_mean: torch.Tensor = field(default_factory=_imagenet_mean)
+    pixel_std: torch.Tensor = field(default_factory=_imagenet_std)
+
+    def __len__(self) -> int:
+        return self.item_index.shape[0]
+
+    def fields(self) -> dict[str, torch.Tensor]:
+        """The tensors by field name (not copied)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass
+class Batch(_Tensors):
     """A batch of histories over a table of its distinct items, each item encoded once per step.
 
     Tensors (B sequences, L history positions, U distinct items, T tokens, N items with an image, S image side)::
@@ -132,19 +178,6 @@ class Batch:
     def __len__(self) -> int:
         return self.seq.shape[0]
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        """A copy with every tensor on ``device``."""
-        moved = {
-            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-            for f in dataclasses.fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-        }
-        return dataclasses.replace(self, **moved)
-
-    def normalized_pixels(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """(N, 3, S, S) ``(pixel_values / 255 - pixel_mean) / pixel_std`` in ``dtype``, where the pixels are."""
-        return normalize_pixels(self.pixel_values, self.pixel_mean, self.pixel_std, dtype)
-
 
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(name: str) -> Any:
@@ -190,10 +223,7 @@ class Collator:
         targets = [_row(rows, table, ex.domain, ex.items[ex.target]) for ex in examples if ex.target is not None]
         seq_BL, seq_mask_BL, timestamps_BL = _pad_histories(examples, histories)
         batch = Batch(
-            item_domain=torch.tensor([d for d, _ in table], dtype=torch.long),
-            item_index=torch.tensor([it.index for _, it in table], dtype=torch.long),
-            **self._texts(table),
-            **self._images(table, flip_rng),
+            **self.item_table(table, flip_rng).fields(),
             seq=seq_BL,
             seq_mask=seq_mask_BL,
             timestamps=timestamps_BL,
@@ -204,6 +234,16 @@ class Collator:
         batch.stats = dict(self.counts)
         self.counts.clear()
         return batch
+
+    def item_table(self, table: Sequence[tuple[int, schema.Item]], flip_rng: random.Random | None = None) -> ItemTable:
+        """(domain, item) pairs -> their :class:`ItemTable`: texts tokenized in one call, images decoded (an
+        undecodable image is counted in ``counts['bad_images']`` and the item kept without it)."""
+        return ItemTable(
+            item_domain=torch.tensor([d for d, _ in table], dtype=torch.long),
+            item_index=torch.tensor([it.index for _, it in table], dtype=torch.long),
+            **self._texts(table),
+            **self._images(table, flip_rng),
+        )
 
     def _texts(self, table: Sequence[tuple[int, schema.Item]]) -> dict[str, torch.Tensor]:
         texts = [it.text or "" for _, it in table]
@@ -244,6 +284,16 @@ class Collator:
             "image_row": image_row_U,
             "has_image": image_row_U >= 0,
         }
+
+
+def collate_items(
+    items: Sequence[tuple[int, schema.Item]], cfg: StreamConfig, counts: Counter | None = None
+) -> ItemTable:
+    """The :class:`ItemTable` of (domain, item) pairs, tokenized and transformed as the stream does (never
+    flipped): e.g. a chunk of a domain's catalog read from its ``items-*.tar`` shards, to encode for ranking."""
+    if not items:
+        raise ValueError("collate_items needs at least one item")
+    return Collator(cfg, counts).item_table(items)
 
 
 def _row(rows: dict[tuple[int, int], int], table: list, domain: int, item: schema.Item) -> int:
