@@ -1,0 +1,253 @@
+"""Checkpoints that resume exactly, and the Hugging Face-style export that finetuning loads in one call.
+
+Layout of ``run.out_dir/checkpoints``::
+
+    step00000100/               DeepSpeed's files: model, optimizer and scheduler states (per rank / partition)
+        momrec.json             rank 0: step, world size, the resolved config (``to_dict``)
+        rank00000.json          each rank: its data-stream position, python ``random`` and numpy RNG states
+        rank00000.safetensors   each rank: torch CPU (and CUDA) generator states, as uint8 tensors
+    latest                      the tag of the newest complete checkpoint
+
+``latest`` is written last, after a barrier that every rank reaches only once its files are written, and
+atomically (a temporary file renamed over it), so a save interrupted at any point leaves the previous checkpoint
+as the latest; ``engine.load_checkpoint(dir)`` without a tag reads the same pointer. Resuming restores the model,
+optimizer, schedule, the stream position and every RNG, so the next step's loss equals the uninterrupted run's.
+Checkpoints assume a file system shared by all nodes (rank 0 writes the pointer and prunes).
+
+Export (``run.out_dir/model``): ``config.json`` (the resolved config and the catalog) and ``model.safetensors``
+(the full state dict, gathered across ranks under ZeRO-3); :func:`load_pretrained` rebuilds the model from them.
+
+Security: our own files are JSON and safetensors, never pickle. DeepSpeed's loader, however, reads its own
+files with ``torch.load(weights_only=False)``, which can run code hidden in a crafted checkpoint: resume only from
+checkpoints you trust (known limitation, issue 8). The export holds no pickle at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from shards.stream import SequenceStream
+
+from .config import TrainConfig, from_dict, to_dict
+from .model import Catalog, Recommender
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+STATE = "momrec.json"
+FORMAT = 1
+EXPORT_CONFIG = "config.json"
+EXPORT_WEIGHTS = "model.safetensors"
+_TAG = re.compile(r"step(\d{8})")
+
+
+def checkpoint_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir) / CHECKPOINTS
+
+
+def tag_of(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _write_atomic(path: Path, data: str | bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    if isinstance(data, str):
+        tmp.write_text(data, encoding="utf-8")
+    else:
+        tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def latest_tag(out_dir: str | Path) -> str | None:
+    """The tag ``latest`` points at, or None when there is no complete checkpoint."""
+    pointer = checkpoint_dir(out_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text(encoding="utf-8").strip()
+    if not _TAG.fullmatch(tag) or not (checkpoint_dir(out_dir) / tag / STATE).is_file():
+        raise ValueError(f"{pointer} names {tag!r}, which is not a complete checkpoint")
+    return tag
+
+
+def check_out_dir(cfg: TrainConfig) -> None:
+    """Refuse to train over another run's checkpoints unless resuming."""
+    folder = checkpoint_dir(cfg.run.out_dir)
+    if not cfg.run.resume and folder.is_dir() and any(folder.iterdir()):
+        raise ValueError(
+            f"run.out_dir {cfg.run.out_dir!r} already holds checkpoints: pass --resume (run.resume=true) to continue "
+            "that run, or choose another run.out_dir"
+        )
+
+
+# ---- RNG states --------------------------------------------------------------------------------------
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(torch generator states as uint8 tensors, python ``random`` and numpy states as JSON-able lists)."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    meta = {
+        "python_random": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = sorted((k for k in tensors if k.startswith("torch_cuda_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    version, internal, gauss = meta["python_random"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ---- save and load ------------------------------------------------------------------------------------
+
+
+def _write_rank_files(folder: Path, rank: int, stream: SequenceStream) -> None:
+    tensors, meta = rng_state()
+    safetensors.torch.save_file(tensors, str(folder / f"rank{rank:05d}.safetensors.tmp"))
+    os.replace(folder / f"rank{rank:05d}.safetensors.tmp", folder / f"rank{rank:05d}.safetensors")
+    _write_atomic(folder / f"rank{rank:05d}.json", json.dumps({**meta, "stream": stream.state_dict()}))
+
+
+def _write_state(folder: Path, cfg: TrainConfig, step: int) -> None:
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    doc = {"format": FORMAT, "step": step, "world_size": world, "config": to_dict(cfg)}
+    _write_atomic(folder / STATE, json.dumps(doc, indent=1))
+
+
+def _write_latest(ckpt: Path, tag: str) -> None:
+    _write_atomic(ckpt / LATEST, tag + "\n")
+
+
+def save(engine: Any, cfg: TrainConfig, stream: SequenceStream, step: int, out_dir: str | Path) -> Path:
+    """Every rank: DeepSpeed's checkpoint, then our state; ``latest`` moves only once all ranks are done."""
+    ckpt, tag, rank = checkpoint_dir(out_dir), tag_of(step), _rank()
+    folder = ckpt / tag
+    if rank == 0 and folder.exists():
+        shutil.rmtree(folder)  # left by a save that crashed before the pointer moved: start it afresh
+    _barrier()
+    engine.save_checkpoint(str(ckpt), tag=tag, save_latest=False)
+    _write_rank_files(folder, rank, stream)
+    if rank == 0:
+        _write_state(folder, cfg, step)
+    _barrier()  # every rank's files are on disk
+    if rank == 0:
+        _write_latest(ckpt, tag)
+        prune(ckpt, cfg.run.keep_checkpoints)
+    return folder
+
+
+def prune(ckpt: Path, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` complete checkpoints up to ``latest`` (and any abandoned partial one);
+    0 keeps everything. Returns the deleted tags."""
+    latest = (ckpt / LATEST).read_text(encoding="utf-8").strip()
+    if keep == 0:
+        return []
+    tags = sorted(d.name for d in ckpt.iterdir() if d.is_dir() and _TAG.fullmatch(d.name))
+    complete = [t for t in tags if t <= latest and (ckpt / t / STATE).is_file()]
+    kept = set(complete[-keep:]) | {latest}
+    deleted = [t for t in tags if t not in kept]
+    for tag in deleted:
+        shutil.rmtree(ckpt / tag, ignore_errors=True)
+    return deleted
+
+
+def load(engine: Any, stream: SequenceStream, out_dir: str | Path) -> int:
+    """Restore the latest checkpoint into ``engine`` and ``stream`` and this rank's RNGs; returns its step."""
+    ckpt, tag, rank = checkpoint_dir(out_dir), latest_tag(out_dir), _rank()
+    if tag is None:
+        raise ValueError(f"no checkpoint to resume from in {ckpt}")
+    folder = ckpt / tag
+    state = json.loads((folder / STATE).read_text(encoding="utf-8"))
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if state["world_size"] != world:
+        raise ValueError(f"{folder} was saved by {state['world_size']} ranks; resume it with as many, not {world}")
+    mine = json.loads((folder / f"rank{rank:05d}.json").read_text(encoding="utf-8"))
+    stream.load_state_dict(mine["stream"])
+    path, _ = engine.load_checkpoint(str(ckpt), tag=tag)
+    if path is None:
+        raise ValueError(f"DeepSpeed found no checkpoint in {folder}")
+    set_rng_state(safetensors.torch.load_file(str(folder / f"rank{rank:05d}.safetensors")), mine)
+    return int(state["step"])
+
+
+# ---- export ---------------------------------------------------------------------------------------------
+
+
+def gathered_state_dict(engine: Any, to_rank0_only: bool = True) -> dict[str, torch.Tensor]:
+    """The full state dict on the CPU (on rank 0 only, or on every rank); under ZeRO-3 every rank must call it:
+    the partitioned parameters are gathered inside ``deepspeed.zero.GatheredParameters`` on all ranks."""
+    module = engine.module
+    if engine.zero_optimization_stage() != 3:
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    import deepspeed  # already imported by the engine (with its accelerator chosen)
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        if to_rank0_only and _rank() != 0:
+            return {}
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def export(engine: Any, cfg: TrainConfig, catalog: Catalog, folder: str | Path) -> Path:
+    """Write ``folder/config.json`` and ``folder/model.safetensors`` (rank 0; every rank must call it)."""
+    folder = Path(folder)
+    state = gathered_state_dict(engine, to_rank0_only=True)
+    if _rank() == 0:
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        safetensors.torch.save_file(state, str(tmp / EXPORT_WEIGHTS), metadata={"format": "pt"})
+        doc = {"format": "momrec-pretrained", "version": FORMAT, "config": to_dict(cfg), "catalog": catalog.to_dict()}
+        (tmp / EXPORT_CONFIG).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    _barrier()
+    return folder
+
+
+def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Recommender, TrainConfig, Catalog]:
+    """The exported model (eval mode), its config and catalog; every weight must match the config's model."""
+    folder = Path(folder)
+    try:
+        doc = json.loads((folder / EXPORT_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{folder}: not a momrec export ({e})") from None
+    if doc.get("format") != "momrec-pretrained":
+        raise ValueError(f"{folder / EXPORT_CONFIG}: not a momrec export (format {doc.get('format')!r})")
+    cfg, catalog = from_dict(doc["config"]), Catalog.from_dict(doc["catalog"])
+    model = Recommender(cfg.model, cfg.loss, catalog, image_size=cfg.data.stream.image_size)
+    state = safetensors.torch.load_file(str(folder / EXPORT_WEIGHTS))
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"{folder / EXPORT_WEIGHTS} does not fit its config: missing {missing}, unexpected {unexpected}"
+        )
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval(), cfg, catalog

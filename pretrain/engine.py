@@ -1,0 +1,446 @@
+"""The training engine: distributed setup, the DeepSpeed ZeRO engine around the Recommender, and the loop.
+
+One code path for every setting: one CPU process without a launcher (RANK etc. defaulted here), several processes
+of one machine or many nodes (the ``deepspeed`` launcher or ``torchrun`` set RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT). On CPU, DeepSpeed's ``cpu`` accelerator with gloo; on GPUs, NCCL. A step is
+``optim.grad_accum`` micro-batches on every rank; every rank yields the same number of batches per epoch
+(:class:`~shards.stream.SequenceStream`), so no rank waits in a collective the others never reach.
+
+Rank discipline: only rank 0 prints and writes (TensorBoard in ``run.out_dir/tb``, ``metrics.jsonl``, the resolved
+``config.json``); every rank takes part in collectives, checkpoint saves and the export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import math
+import os
+import resource
+import socket
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from shards.collate import Batch
+from shards.stream import SequenceStream
+
+from . import checkpoint, validate
+from .config import OptimConfig, TrainConfig, deepspeed_config, save_config, to_dict
+from .encoders import Backbone
+from .model import Catalog, Recommender
+
+log = logging.getLogger(__name__)
+
+COUNT_KEYS = ("sequences", "positions", "items")
+"""Keys of ModelOutput.logs that are batch counts, not losses."""
+STREAM_STATS = ("bad_samples", "bad_images", "tar_errors", "topup_passes")
+
+
+# ---- distributed setup ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def import_deepspeed() -> ModuleType:
+    """DeepSpeed, with its ``cpu`` accelerator where there is no GPU (it must be chosen before the first import)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would drown ours
+    return deepspeed
+
+
+def init_distributed(timeout_s: float) -> Dist:
+    """Join (or, without a launcher, create) the process group: gloo on CPU, NCCL on GPUs."""
+    if "RANK" not in os.environ:  # one process, no launcher: DeepSpeed would otherwise look for MPI
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", "0")
+    deepspeed = import_deepspeed()
+    cuda = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # every device's generator too
+
+
+class GatherNegatives:
+    """``loss.gather_negatives``: every rank's item table, padded to the largest (the model's ``Gather``).
+
+    Tables differ in size across ranks and all_gather needs equal shapes, so each is padded to the largest U:
+    integer tensors (item ids) with -1, which the loss masks; floating ones with 0. Gradients flow back to the
+    local rows (``torch.distributed.nn.functional.all_gather``)."""
+
+    def __init__(self, rank: int, device: torch.device) -> None:
+        self.rank, self.device = rank, device
+
+    def _largest(self, rows: int) -> int:
+        size = torch.tensor([rows], device=self.device)
+        torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MAX)
+        return int(size)
+
+    def offset(self, rows: int) -> int:
+        return self.rank * self._largest(rows)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.nn.functional import all_gather
+
+        pad = self._largest(x.shape[0]) - x.shape[0]
+        if pad:
+            fill = 0 if x.is_floating_point() else -1
+            x = torch.cat([x, x.new_full((pad, *x.shape[1:]), fill)])
+        return torch.cat(all_gather(x))
+
+
+# ---- optimizer and schedule -------------------------------------------------------------------------
+
+
+def _no_decay(name: str, param: nn.Parameter, embedding_ids: set[int]) -> bool:
+    """Biases, norm weights (1-d) and embedding tables (ID, position, token) are not decayed."""
+    return param.ndim <= 1 or id(param) in embedding_ids or "embedding" in name.rsplit(".", 1)[-1]
+
+
+def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
+    """AdamW groups of the trainable parameters: (encoder_lr for the HF backbones | lr) x (decay | no decay)."""
+    encoder_ids = {id(p) for m in model.modules() if isinstance(m, Backbone) for p in m.parameters()}
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        lr = optim.encoder_lr if optim.encoder_lr is not None and id(param) in encoder_ids else optim.lr
+        decay = 0.0 if _no_decay(name, param, embedding_ids) else optim.weight_decay
+        groups.setdefault((lr, decay), []).append(param)
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+
+
+def lr_factor(step: int, *, warmup: int, max_steps: int, cosine: bool, min_ratio: float) -> float:
+    """LambdaLR factor of optimizer step ``step``: linear warm-up to 1, then cosine to min_ratio (or constant)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if not cosine:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, optim: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up + cosine (or constant). A partial, not a callable object: LambdaLR saves an object's ``__dict__``
+    and restores it on load, so a resumed run would keep the old max_steps; the step count is what is restored."""
+    factor = functools.partial(
+        lr_factor,
+        warmup=optim.warmup_steps,
+        max_steps=optim.max_steps,
+        cosine=optim.schedule == "cosine",
+        min_ratio=optim.min_lr_ratio,
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---- the run ----------------------------------------------------------------------------------------
+
+
+def catalog_folders(cfg: TrainConfig) -> list[str]:
+    """The catalog's domains: the training domains in stream order, then validation-only ones (the model's
+    domain index of a folder is its position here)."""
+    folders = list(cfg.data.domains)
+    known = {Path(f).resolve() for f in folders}
+    for folder in cfg.data.valid_domains or []:
+        if Path(folder).resolve() not in known:
+            known.add(Path(folder).resolve())
+            folders.append(folder)
+    return folders
+
+
+class Meter:
+    """Sums of the model's logs over the micro-batches since the last log, on this rank."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.sums: Counter = Counter()
+        self.micro_batches = 0
+        self.start = time.perf_counter()
+
+    def add(self, logs: dict[str, float]) -> None:
+        self.sums.update(logs)
+        self.micro_batches += 1
+
+
+@dataclass
+class Run:
+    """Everything the loop touches."""
+
+    cfg: TrainConfig
+    dist: Dist
+    engine: Any  # deepspeed.DeepSpeedEngine
+    stream: SequenceStream
+    catalog: Catalog
+    folders: list[str]
+    gather: GatherNegatives | None
+    writer: Any = None  # SummaryWriter on rank 0
+    step: int = 0
+    meter: Meter = field(default_factory=Meter)
+    grad_norm: float | None = None
+
+    @property
+    def own_grad_norm(self) -> bool:
+        """DeepSpeed records the gradient norm except at stage 0 in fp32 (it clips without keeping the norm)."""
+        return self.cfg.engine.zero_stage == 0 and self.cfg.engine.precision == "fp32"
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.run.out_dir)
+
+
+def build(cfg: TrainConfig, dist: Dist) -> Run:
+    """Stream, catalog, model, optimizer, schedule and DeepSpeed engine (same seed on every rank)."""
+    deepspeed = import_deepspeed()
+    seed_everything(cfg.engine.seed)
+    stream = SequenceStream(cfg.data.domains, cfg.data.stream)
+    folders = catalog_folders(cfg)
+    catalog = Catalog.from_folders(folders)
+    model = Recommender(cfg.model, cfg.loss, catalog, image_size=cfg.data.stream.image_size)
+    seed_everything(cfg.engine.seed + dist.rank)  # dropout and sampled negatives differ across ranks
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=o.betas, eps=o.eps)
+    scheduler = lr_schedule(optimizer, o)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, dist.world_size),
+        dist_init_required=False,
+    )
+    gather = GatherNegatives(dist.rank, dist.device) if cfg.loss.gather_negatives and dist.world_size > 1 else None
+    return Run(cfg, dist, engine, stream, catalog, folders, gather)
+
+
+def _open_writer(run: Run, resumed: bool) -> None:
+    if run.dist.rank != 0:
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    # purge_step drops events a crashed run logged after the checkpoint it is resumed from
+    run.writer = SummaryWriter(str(run.out_dir / "tb"), purge_step=run.step + 1 if resumed else None)
+    run.writer.add_text("config", "```\n" + json.dumps(to_dict(run.cfg), indent=2) + "\n```", run.step)
+
+
+def train(cfg: TrainConfig) -> dict[str, float]:
+    """Train as ``cfg`` says; returns the last logged metrics (on rank 0; others get {})."""
+    checkpoint.check_out_dir(cfg)
+    dist = init_distributed(cfg.engine.process_group_timeout_s)
+    try:
+        run = build(cfg, dist)
+        resumed = cfg.run.resume and checkpoint.latest_tag(run.out_dir) is not None
+        if resumed:
+            run.step = checkpoint.load(run.engine, run.stream, run.out_dir)
+            log.info("resumed from step %d (epoch %d, batch %d)", run.step, run.stream.epoch, run.stream.batches_done)
+        if dist.rank == 0:
+            save_config(cfg, run.out_dir / "config.json")
+        _open_writer(run, resumed)
+        try:
+            last = loop(run)
+            checkpoint.export(run.engine, cfg, run.catalog, run.out_dir / "model")
+        finally:
+            if run.writer is not None:
+                run.writer.close()
+        return last
+    finally:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+# ---- the loop ---------------------------------------------------------------------------------------
+
+
+def _epoch_batches(run: Run) -> Iterator[Batch]:
+    """The rest of the current epoch's batches, then the next epochs', without end."""
+    while True:
+        stream = run.stream
+        if len(stream) == 0:
+            raise ValueError(
+                f"epoch {stream.epoch} has no batch: fewer sequences than data.stream.batch_size x ranks x workers"
+            )
+        if stream.batches_done == 0 and run.cfg.model.user.interest_tokens:
+            with torch.random.fork_rng(devices=_devices(run)):
+                validate.refresh_interests(run.engine, run.cfg, run.folders[: len(run.cfg.data.domains)], run.dist)
+        batches = iter(stream)
+        # the DataLoader draws its workers' base seed from the global RNG: keep that draw out of the training
+        # RNG, so a resumed run (which starts its iterator at another point) makes the same random choices
+        with torch.random.fork_rng(devices=[]):
+            first = next(batches, None)
+        if first is not None:
+            yield first
+            yield from batches
+        stream.set_epoch(stream.epoch + 1)
+
+
+def _devices(run: Run) -> list[int]:
+    return [run.dist.device.index or 0] if run.dist.device.type == "cuda" else []
+
+
+def loop(run: Run) -> dict[str, float]:
+    cfg, engine = run.cfg, run.engine
+    max_steps, last = cfg.optim.max_steps, {}
+    bar_off = run.dist.rank != 0 or not sys.stderr.isatty()
+    bar = tqdm(total=max_steps, initial=run.step, unit="step", desc="pretrain", disable=bar_off, dynamic_ncols=True)
+    engine.train()
+    run.meter.restart()
+    with bar, contextlib.closing(_epoch_batches(run)) as batches:
+        while run.step < max_steps:
+            batch = next(batches).to(run.dist.device)
+            out = engine(batch, run.gather)
+            engine.backward(out.loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            if boundary and run.own_grad_norm:
+                run.grad_norm = _grad_norm(engine.module)
+            engine.step()
+            run.meter.add(out.logs)
+            if not boundary:
+                continue
+            run.step += 1
+            bar.update(1)
+            last = _after_step(run, bar) or last
+    return last
+
+
+def _grad_norm(module: nn.Module) -> float:
+    """Global 2-norm of the (already all-reduced) gradients, before clipping."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def _due(step: int, every: int, max_steps: int) -> bool:
+    return step == max_steps or (every > 0 and step % every == 0)
+
+
+def _after_step(run: Run, bar: tqdm) -> dict[str, float] | None:
+    cfg, step = run.cfg, run.step
+    logged = None
+    if _due(step, cfg.run.log_every, cfg.optim.max_steps):
+        logged = _log_train(run)
+        if run.dist.rank == 0:
+            bar.set_postfix(loss=f"{logged['loss/total']:.4f}", refresh=False)
+            if bar.disable:
+                log.info("step %d/%d: %s", step, cfg.optim.max_steps, _brief(logged))
+    if _due(step, cfg.run.eval_every, cfg.optim.max_steps) and (
+        cfg.data.valid_domains is None or cfg.data.valid_domains
+    ):
+        with torch.random.fork_rng(devices=_devices(run)):  # validation must not shift the training RNG
+            metrics = validate.quick_validation(run.engine, cfg, run.folders, run.dist)
+        _write(run, metrics)
+        if run.dist.rank == 0:
+            log.info("step %d validation: %s", step, _brief(metrics))
+        logged = {**(logged or {}), **metrics}
+    if _due(step, cfg.run.save_every, cfg.optim.max_steps):
+        checkpoint.save(run.engine, cfg, run.stream, step, run.out_dir)
+    return logged
+
+
+def _brief(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith(("loss/", "valid/", "perf/seq")))
+
+
+# ---- metrics ------------------------------------------------------------------------------------------
+
+
+def _rss_gb() -> tuple[float, float]:
+    """(current, peak) resident memory of this process in GB."""
+    with open("/proc/self/statm") as f:
+        current = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return current / 1e9, peak / 1e9
+
+
+def _reduce(values: list[float], device: torch.device, op: Any) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def _log_train(run: Run) -> dict[str, float]:
+    """Losses averaged over micro-batches and ranks, throughput, memory and stream events: to TensorBoard."""
+    meter, engine = run.meter, run.engine
+    loss_keys = sorted(k for k in meter.sums if k not in COUNT_KEYS)
+    local = [meter.sums[k] for k in loss_keys] + [meter.sums[k] for k in COUNT_KEYS] + [meter.micro_batches]
+    local += [run.stream.stats[k] for k in STREAM_STATS]
+    summed = _reduce(local, run.dist.device, torch.distributed.ReduceOp.SUM)
+    memory = list(_rss_gb())
+    if run.dist.device.type == "cuda":
+        memory.append(torch.cuda.max_memory_allocated(run.dist.device) / 1e9)
+    memory = _reduce(memory, run.dist.device, torch.distributed.ReduceOp.MAX)
+    elapsed = max(time.perf_counter() - meter.start, 1e-9)
+    n = len(loss_keys)
+    micro = summed[n + len(COUNT_KEYS)]
+    counts = dict(zip(COUNT_KEYS, summed[n : n + len(COUNT_KEYS)]))
+    metrics = {f"loss/{k}": v / micro for k, v in zip(loss_keys, summed[:n])}
+    scheduler = engine.lr_scheduler
+    factor = scheduler.get_last_lr()[0] / scheduler.base_lrs[0]
+    metrics["train/lr"] = factor * run.cfg.optim.lr
+    if run.cfg.optim.encoder_lr is not None:
+        metrics["train/encoder_lr"] = factor * run.cfg.optim.encoder_lr
+    grad_norm = run.grad_norm if run.own_grad_norm else engine.get_global_grad_norm()
+    if grad_norm is not None:
+        metrics["train/grad_norm"] = float(grad_norm)
+    metrics["perf/sequences_per_s"] = counts["sequences"] / elapsed
+    metrics["perf/items_encoded_per_s"] = counts["items"] / elapsed
+    metrics["perf/dedup_saved"] = 1 - counts["items"] / max(counts["positions"], 1)
+    metrics["mem/rss_gb"], metrics["mem/peak_rss_gb"] = memory[0], memory[1]
+    if len(memory) > 2:
+        metrics["mem/cuda_max_allocated_gb"] = memory[2]
+    stats = summed[n + len(COUNT_KEYS) + 1 :]
+    metrics.update({f"data/{k}": v for k, v in zip(STREAM_STATS, stats)})
+    metrics["train/epoch"] = float(run.stream.epoch)
+    _write(run, metrics)
+    meter.restart()
+    return metrics
+
+
+def _write(run: Run, metrics: dict[str, float]) -> None:
+    """Rank 0: TensorBoard scalars and one JSON line (exact floats) in metrics.jsonl."""
+    if run.dist.rank != 0:
+        return
+    for tag, value in metrics.items():
+        run.writer.add_scalar(tag, value, run.step)
+    run.writer.flush()
+    with open(run.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": run.step, **metrics}) + "\n")
