@@ -67,9 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("data.domains is empty: name the built domain folders to train on (in a config file, "
                              "or data.domains=path/a,path/b)")  # fmt: skip
         _setup_logging()
-        from .engine import train  # imports DeepSpeed: only when training
+        from .engine import shutdown, train  # imports DeepSpeed: only when training
 
-        train(cfg)
+        try:
+            train(cfg)
+        finally:
+            shutdown()
     except ValueError as e:  # bad config or input (InputError is one too): the message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

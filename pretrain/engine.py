@@ -78,14 +78,17 @@ def import_deepspeed() -> ModuleType:
 
 
 def init_distributed(timeout_s: float) -> Dist:
-    """Join (or, without a launcher, create) the process group: gloo on CPU, NCCL on GPUs."""
+    """Join (or, without a launcher, create) the process group: gloo on CPU, NCCL on GPUs. A process group that
+    already exists (an earlier :func:`train` in this process) is reused as it is, until :func:`shutdown`
+    (``python -m pretrain`` calls it at exit)."""
     if "RANK" not in os.environ:  # one process, no launcher: DeepSpeed would otherwise look for MPI
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ.setdefault("LOCAL_RANK", "0")
     deepspeed = import_deepspeed()
     cuda = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local_rank)
@@ -231,6 +234,16 @@ class Run:
         return Path(self.cfg.run.out_dir)
 
 
+def norm_buffers_to_bf16(model: nn.Module) -> None:
+    """Batch-norm running statistics in bf16, like the weights: DeepSpeed casts parameters only and keeps buffers
+    in fp32, and a CPU batch norm refuses bf16 weights with fp32 statistics. The model's own fp32 buffers
+    (popularity, interest prototypes) stay fp32."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            module.running_mean.data = module.running_mean.data.to(torch.bfloat16)
+            module.running_var.data = module.running_var.data.to(torch.bfloat16)
+
+
 def build(cfg: TrainConfig, dist: Dist) -> Run:
     """Stream, catalog, model, optimizer, schedule and DeepSpeed engine (same seed on every rank)."""
     deepspeed = import_deepspeed()
@@ -239,6 +252,8 @@ def build(cfg: TrainConfig, dist: Dist) -> Run:
     folders = catalog_folders(cfg)
     catalog = Catalog.from_folders(folders)
     model = Recommender(cfg.model, cfg.loss, catalog, image_size=cfg.data.stream.image_size)
+    if cfg.engine.precision == "bf16":
+        norm_buffers_to_bf16(model)
     seed_everything(cfg.engine.seed + dist.rank)  # dropout and sampled negatives differ across ranks
     o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=o.betas, eps=o.eps)
@@ -286,7 +301,13 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         return last
     finally:
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+
+
+def shutdown() -> None:
+    """Leave the process group, through DeepSpeed so that it drops its handles too (a later :func:`train` in this
+    process then starts a new one)."""
+    if torch.distributed.is_initialized():
+        import_deepspeed().comm.destroy_process_group()
 
 
 # ---- the loop ---------------------------------------------------------------------------------------

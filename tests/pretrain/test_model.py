@@ -10,37 +10,14 @@ import torch
 
 from pretrain.config import TrainConfig, load_config
 from pretrain.model import Catalog, Recommender
-from shards.build import BuildOptions, build
 from shards.stream import SequenceStream
-from shards.synth import synthesize
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core machine run far faster on one thread
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> list[str]:
-    root = tmp_path_factory.mktemp("model")
-    out = []
-    for src in synthesize(
-        root / "src", domains=["books", "movies"], users_per_domain=30, items_per_domain=40, n_topics=4
-    ):
-        opts = BuildOptions(min_user_interactions=3, image_size=32, samples_per_shard=16)
-        build(src, root / "shards" / src.name, opts, progress=False)
-        out.append(str(root / "shards" / src.name))
-    return out
+TINY = Path(__file__).resolve().parents[2] / "launch/configs/tiny.toml"
 
 
 def config(folders: list[str], *overrides: str) -> TrainConfig:
     base = [f"data.domains={json.dumps(folders)}", "data.stream.num_workers=0", "model.user.dropout=0.0"]
-    return load_config(str(REPO / "launch/configs/tiny.toml"), [*base, *overrides])
+    return load_config(str(TINY), [*base, *overrides])
 
 
 def first_batch(cfg: TrainConfig, split: str = "train"):

@@ -1,0 +1,31 @@
+"""Shared fixtures of the pretrain tests: tiny shards of two synthetic domains, built once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shards.build import BuildOptions, build
+from shards.synth import synthesize
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared 2-core machine run far faster on one thread
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory) -> list[str]:
+    """Two built domains (books, movies): 30 users, 40 items each, 32 px images."""
+    root = tmp_path_factory.mktemp("pretrain-shards")
+    out = []
+    for src in synthesize(
+        root / "src", domains=["books", "movies"], users_per_domain=30, items_per_domain=40, n_topics=4
+    ):
+        opts = BuildOptions(min_user_interactions=3, image_size=32, samples_per_shard=16)
+        build(src, root / "shards" / src.name, opts, progress=False)
+        out.append(str(root / "shards" / src.name))
+    return out

@@ -1,0 +1,187 @@
+"""The engine in one process: the real command end to end (TensorBoard, validation, checkpoints, export), exact
+resume from a checkpoint written mid-run, the schedule and the optimizer groups, and clear errors.
+
+Multi-process ZeRO-2/3 and the two-node launch are in tests/dist/test_pretrain_dist.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain import checkpoint
+from pretrain.__main__ import main
+from pretrain.config import TrainConfig, load_config
+from pretrain.engine import lr_factor, param_groups, shutdown, train
+from pretrain.model import Catalog, Recommender
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "launch/configs/tiny.toml"
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def clean_dist_env(monkeypatch):
+    """train() fills in the launcher's variables for a lone process: keep them out of the other tests."""
+    for name in DIST_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield
+    shutdown()
+
+
+def overrides(folders: list[str], out_dir: Path, *more: str) -> list[str]:
+    return [
+        f"data.domains={json.dumps(folders)}",
+        f"run.out_dir={out_dir}",
+        "data.stream.num_workers=0",
+        "data.stream.batch_size=6",
+        "engine.process_group_timeout_s=60",
+        *more,
+    ]
+
+
+def config(folders: list[str], out_dir: Path, *more: str) -> TrainConfig:
+    return load_config(str(TINY), overrides(folders, out_dir, *more))
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    """step -> loss/total from metrics.jsonl (exact floats)."""
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss/total"] for r in rows if "loss/total" in r}
+
+
+def test_the_command_trains_logs_validates_checkpoints_and_exports(folders, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    argv = ["--config", str(TINY), *overrides(folders, out, "optim.max_steps=8", "optim.warmup_steps=3")]
+    argv += ["run.log_every=2", "run.eval_every=8", "run.save_every=4", "run.eval_users=24"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain", *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=400
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 8 validation" in proc.stderr
+
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    expected = {"loss/total", "loss/softmax", "train/lr", "train/grad_norm", "perf/sequences_per_s"}
+    expected |= {"perf/items_encoded_per_s", "perf/dedup_saved", "mem/rss_gb", "valid/hr@10", "valid/ndcg@10"}
+    expected |= {"valid/pop_ndcg@10", "valid/books/ndcg@10", "valid/movies/ndcg@10"}
+    assert expected <= tags, expected - tags
+    assert [e.step for e in acc.Scalars("loss/total")] == [2, 4, 6, 8]
+    lrs = [e.value for e in acc.Scalars("train/lr")]
+    assert lrs[0] < lrs[1] and lrs[-1] < lrs[1]  # warm-up (3 steps), then cosine decay
+    saved = [e.value for e in acc.Scalars("perf/dedup_saved")]
+    assert all(0 < s < 1 for s in saved)  # a batch's items repeat across its sequences
+    valid = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert valid["valid/users"] == 48 and 0 <= valid["valid/ndcg@10"] <= valid["valid/hr@10"] <= 1
+
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step00000008"
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step00000004", "step00000008"]
+    assert json.loads((out / "config.json").read_text())["optim"]["max_steps"] == 8
+
+    model, cfg, catalog = checkpoint.load_pretrained(out / "model")
+    assert cfg.optim.max_steps == 8 and catalog == Catalog.from_folders(folders)
+    assert not model.training
+
+
+@pytest.mark.parametrize(
+    "more",
+    [["engine.zero_stage=0"], ["engine.zero_stage=1", "engine.precision=bf16", "optim.grad_accum=2"]],
+    ids=["zero0-fp32", "zero1-bf16-accum2"],
+)
+def test_resume_from_a_mid_run_checkpoint_gives_the_same_losses(folders, tmp_path: Path, more: list[str]) -> None:
+    common = ["optim.max_steps=6", "optim.warmup_steps=2", "run.log_every=1", "run.eval_every=0"]
+    common += ["run.save_every=3", "run.keep_checkpoints=0", *more]
+    full = tmp_path / "full"
+    train(config(folders, full, *common))
+    expected = losses(full)
+    assert sorted(expected) == [1, 2, 3, 4, 5, 6]
+
+    # a run stopped after its step-3 checkpoint: that checkpoint, as written mid-run, is all it has
+    cut = tmp_path / "cut"
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints/step00000003", cut / "checkpoints/step00000003")
+    (cut / "checkpoints/latest").write_text("step00000003\n")
+    train(config(folders, cut, *common, "run.resume=true"))
+    resumed = losses(cut)
+    assert sorted(resumed) == [4, 5, 6]
+    assert resumed == {s: expected[s] for s in (4, 5, 6)}  # bit-identical, not merely close
+
+
+def test_export_equals_the_trained_weights(folders, tmp_path: Path) -> None:
+    cfg = config(folders, tmp_path / "run", "optim.max_steps=2", "optim.warmup_steps=1", "run.eval_every=0")
+    train(cfg)
+    model, _, _ = checkpoint.load_pretrained(tmp_path / "run/model")
+    state = checkpoint.safetensors.torch.load_file(str(tmp_path / "run/model/model.safetensors"))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+    fresh = Recommender(cfg.model, cfg.loss, Catalog.from_folders(folders), image_size=cfg.data.stream.image_size)
+    changed = [n for n, t in fresh.state_dict().items() if not torch.equal(t, state[n])]
+    assert any(n.startswith("user.") for n in changed) and any(n.startswith("text.") for n in changed)
+
+
+def test_a_second_run_into_the_same_folder_is_refused(folders, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    (out / "checkpoints/step00000002").mkdir(parents=True)
+    argv = ["--config", str(TINY), *overrides(folders, out)]
+    assert main(argv) == 2
+    assert "already holds checkpoints: pass --resume" in capsys.readouterr().err
+
+
+def test_bad_command_lines_are_errors_not_tracebacks(folders, tmp_path: Path, capsys) -> None:
+    assert main(["--config", str(TINY), "data.domains=[]"]) == 2
+    assert "data.domains is empty" in capsys.readouterr().err
+    assert main(["--config", str(TINY), "optim.lr=fast"]) == 2
+    assert "optim.lr" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "missing.toml")]) == 2
+    assert "missing.toml" in capsys.readouterr().err
+    missing = tmp_path / "nowhere"
+    assert main(["--config", str(TINY), f"data.domains=[{json.dumps(str(missing))}]", f"run.out_dir={missing}"]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_print_config_and_deepspeed(capsys) -> None:
+    assert main(["--config", str(TINY), "--config", str(REPO / "launch/ds/zero3.toml"), "--print-deepspeed"]) == 0
+    ds = json.loads(capsys.readouterr().out)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["train_micro_batch_size_per_gpu"] == 8
+    assert main(["--config", str(TINY), "optim.max_steps=7", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["optim"]["max_steps"] == 7
+
+
+def test_schedule_warms_up_then_decays_to_the_floor() -> None:
+    f = [lr_factor(s, warmup=4, max_steps=20, cosine=True, min_ratio=0.1) for s in range(25)]
+    assert f[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert f[4] == pytest.approx(1.0) and all(a >= b for a, b in zip(f[4:], f[5:]))
+    assert f[20] == pytest.approx(0.1) and f[24] == pytest.approx(0.1)
+    assert lr_factor(10, warmup=4, max_steps=20, cosine=False, min_ratio=0.1) == 1.0
+
+
+def test_optimizer_groups(folders, tmp_path: Path) -> None:
+    cfg = config(folders, tmp_path, "optim.encoder_lr=1e-5", "optim.weight_decay=0.05", "model.text.trainable=top")
+    model = Recommender(cfg.model, cfg.loss, Catalog.from_folders(folders), image_size=32)
+    groups = param_groups(model, cfg.optim)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(trainable)  # each trainable parameter once; frozen ones in none
+    for g in groups:
+        names = [name_of[id(p)] for p in g["params"]]
+        if g["weight_decay"]:
+            assert all(p.ndim >= 2 for p in g["params"]), names
+            assert not any("position" in n or n.endswith("bias") for n in names), names
+        if g["lr"] == 1e-5:
+            assert all(n.startswith(("text.backbone", "image.backbone")) for n in names), names
+    assert {g["lr"] for g in groups} == {1e-5, cfg.optim.lr}
