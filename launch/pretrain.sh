@@ -22,7 +22,7 @@
 # torchrun works as well (no pdsh/ssh: start it on every node):
 #   torchrun --nproc_per_node 2 -m pretrain --config launch/configs/tiny.toml
 #   torchrun --nnodes 2 --node_rank 0 --rdzv_backend c10d --rdzv_endpoint HOST0:29500 --nproc_per_node 2 \
-#       -m pretrain --config ...            # and --node_rank 1 on the second node; Slurm: launch/slurm.sbatch
+#       -m pretrain --config ...            # and --node_rank 1 on the second node; Slurm: sbatch launch/slurm.sbatch
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ -x .venv/bin/python ]; then
