@@ -214,9 +214,10 @@ class Recommender(nn.Module):
 
     # ---- objectives -----------------------------------------------------------------------------------
 
-    def forward(self, batch: Any, gather: Gather | None = None) -> ModelOutput:
-        """The weighted objectives on a training batch (``split="train"``: every position predicts the next)."""
-        items = self.encode_items(batch)
+    def forward(self, batch: Any, gather: Gather | None = None, items: ItemEmbeddings | None = None) -> ModelOutput:
+        """The weighted objectives on a training batch (``split="train"``: every position predicts the next).
+        ``items``: the batch's table already encoded (pretrain.bench encodes it without deduplication)."""
+        items = self.encode_items(batch) if items is None else items
         states_BLD = self._states(batch, items)
         weights, T = self.loss_cfg.weights(), self.loss_cfg.temperature
         losses: dict[str, torch.Tensor] = {}
