@@ -19,7 +19,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -105,8 +105,10 @@ class ItemEmbeddings:
     """Each item's row in the concatenated catalog of all domains (its global id)."""
 
 
-@dataclass
-class ModelOutput:
+class ModelOutput(NamedTuple):
+    """What ``forward`` returns: a named tuple, which DeepSpeed's ZeRO-3 hooks can look into (a dataclass they
+    cannot: they would warn that backward hooks may not trigger)."""
+
     loss: torch.Tensor
     """The weighted sum of the objectives (a scalar)."""
     logs: dict[str, float]
