@@ -36,6 +36,7 @@ from shards.stream import StreamConfig
 __all__ = [
     "DataConfig",
     "EngineConfig",
+    "FinetuneConfig",
     "FusionConfig",
     "ImageEncoderConfig",
     "LossConfig",
@@ -495,16 +496,74 @@ class RunConfig(_Section):
     resume: bool = False
     """Continue from the latest checkpoint in out_dir (model, optimizer, schedule, data position); without it an
     out_dir that already holds checkpoints is refused."""
+    keep_best: bool = False
+    """Export the model of the best valid/ndcg@10 so far to out_dir/best (same format as out_dir/model), at each
+    validation that improves on it. Implied by early_stop_patience > 0. python -m finetune defaults it to true."""
+    early_stop_patience: int = 0
+    """Stop when this many validations in a row did not improve valid/ndcg@10 on the best so far (0: off); the
+    best model is in out_dir/best."""
 
     def _validate(self) -> None:
         _check(bool(self.out_dir), "run.out_dir", "must not be empty")
         _at_least(self, 1, "log_every")
-        _at_least(self, 0, "eval_every", "eval_users", "save_every", "keep_checkpoints")
+        _at_least(self, 0, "eval_every", "eval_users", "save_every", "keep_checkpoints", "early_stop_patience")
+        _check(
+            not self.early_stop_patience or self.eval_every > 0,
+            "run.early_stop_patience",
+            "needs run.eval_every > 0 (with validation only at the end there is nothing to stop)",
+        )
+
+
+FinetuneMode = Literal["full", "lora", "adapter", "top"]
+
+
+@dataclass
+class FinetuneConfig(_Section):
+    """Transfer to a target domain (``python -m finetune``; pretraining ignores this section)."""
+
+    PATH: ClassVar[str] = "finetune"
+
+    from_path: str = ""
+    """The pretrained export to start from (run.out_dir/model of a pretraining run), or 'none': the
+    no-pretraining control, the same architecture (from the config files) initialised as pretraining would.
+    Set by --from."""
+    mode: FinetuneMode = "full"
+    """What trains. 'full': every parameter. 'lora': Hugging Face PEFT LoRA on the attention of the text and
+    image backbones and on the user encoder's q/k/v/o, plus pooling, projections and fusion (ResNet and ConvNeXt
+    have no attention: by default no LoRA there, the image encoder trains its projection only). 'adapter' (MISSRec):
+    pooling, projections and fusion only. 'top' (TransRec): the top_layers last blocks of each item backbone plus
+    everything outside the backbones. In every mode, fresh item-ID embeddings (id_embeddings) train too."""
+    top_layers: int = 2
+    """With mode='top': trained last blocks (transformer layers, ResNet/ConvNeXt stages) of each item backbone."""
+    id_embeddings: bool | None = None
+    """Item-ID embeddings for the target catalog, freshly initialised and trained (MISSRec's transductive
+    setting): true adds them, false drops them, none keeps the pretrained model's model.user.id_embeddings."""
+    lora_rank: int = 8
+    """LoRA rank r."""
+    lora_alpha: float = 16.0
+    """LoRA scaling alpha (the update is scaled by alpha / r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch's input."""
+    lora_text_targets: list[str] | None = None
+    """Module names (suffixes) of the text backbone that get LoRA; none: per architecture, BERT/MiniLM ['query',
+    'value']. Every name must match a module: a typo is an error, not a silent no-op."""
+    lora_image_targets: list[str] | None = None
+    """The same for the image backbone; none: ViT ['q_proj', 'v_proj'] (transformers 5 names), ResNet and
+    ConvNeXt [] (no attention; conv layers may be named explicitly, e.g. ['convolution'])."""
+    lora_user_targets: list[str] | None = None
+    """The same for the user encoder; none: ['q_proj', 'k_proj', 'v_proj', 'o_proj'] (its attention)."""
+
+    def _validate(self) -> None:
+        _at_least(self, 1, "top_layers", "lora_rank")
+        _fraction(self, "lora_dropout")
+        _check(self.lora_alpha > 0, "finetune.lora_alpha", f"must be > 0, got {self.lora_alpha!r}")
+        for name in ("lora_text_targets", "lora_image_targets", "lora_user_targets"):
+            _check(all(getattr(self, name) or []), f"finetune.{name}", "holds an empty module name")
 
 
 @dataclass
 class TrainConfig(_Section):
-    """A pretraining run."""
+    """A pretraining run, or a finetuning run (python -m finetune: the same tree plus its finetune section)."""
 
     PATH: ClassVar[str] = ""
 
@@ -520,6 +579,8 @@ class TrainConfig(_Section):
     """DeepSpeed."""
     run: RunConfig = field(default_factory=RunConfig)
     """Output, logging, validation, checkpoints."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Transfer to a target domain (python -m finetune)."""
 
     def _validate(self) -> None:
         """Rules that span sections."""
@@ -541,6 +602,11 @@ class TrainConfig(_Section):
             "cannot be combined with data.stream.augment (cached features would ignore the flips)",
         )
         _check(not loss.content_id or model.user.id_embeddings, "loss.content_id", "needs model.user.id_embeddings")
+        _check(
+            not (self.run.keep_best or self.run.early_stop_patience) or self.data.valid_domains != [],
+            "run.keep_best" if self.run.keep_best else "run.early_stop_patience",
+            "needs validation: data.valid_domains is []",
+        )
         _check(
             not loss.interest_diversity or model.user.interest_tokens,
             "loss.interest_diversity",
@@ -877,15 +943,21 @@ def _override_layer(item: str) -> dict[str, Any]:
 
 
 def load_config(
-    paths: str | os.PathLike | Sequence[str | os.PathLike] | None = None, overrides: Sequence[str] = ()
+    paths: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    overrides: Sequence[str] = (),
+    base: Mapping[str, Any] | None = None,
 ) -> TrainConfig:
-    """Defaults < each file of ``paths`` in order (TOML, or JSON as :func:`save_config` writes) < ``overrides``
-    ('section.field=value', the value a TOML literal or else a plain string)."""
+    """Defaults < ``base`` < each file of ``paths`` in order (TOML, or JSON as :func:`save_config` writes) <
+    ``overrides`` ('section.field=value', the value a TOML literal or else a plain string). ``base`` is a
+    (partial) table such as :func:`to_dict` gives: finetune's sections inherited from the pretrained run."""
     if paths is None:
         paths = []
     elif isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     merged = to_dict(TrainConfig())
+    if base is not None:
+        _check_layer(base, TrainConfig, "", "the base config")
+        _merge(merged, base)
     for path in map(Path, paths):
         layer = _read_file(path)
         _check_layer(layer, TrainConfig, "", str(path))

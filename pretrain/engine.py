@@ -8,6 +8,11 @@ MASTER_ADDR, MASTER_PORT). On CPU, DeepSpeed's ``cpu`` accelerator with gloo; on
 
 Rank discipline: only rank 0 prints and writes (TensorBoard in ``run.out_dir/tb``, ``metrics.jsonl``, the resolved
 ``config.json``); every rank takes part in collectives, checkpoint saves and the export.
+
+Finetuning reuses this engine: :func:`train` takes the model to train from a ``model_factory`` (finetune's loads
+the pretrained weights and applies its mode) and writes ``model/`` and ``best/`` with an ``exporter`` (finetune's
+saves the trained tensors only). ``run.keep_best`` keeps the model of the best ``valid/ndcg@10`` in ``best/``;
+``run.early_stop_patience`` stops a run whose validation stopped improving.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ import resource
 import socket
 import sys
 import time
+import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -41,10 +47,12 @@ from shards.stream import SequenceStream
 from . import checkpoint, validate
 from .config import OptimConfig, TrainConfig, deepspeed_config, save_config, to_dict
 from .encoders import Backbone
-from .model import Catalog, Recommender
+from .model import Catalog
 
 log = logging.getLogger(__name__)
 
+BEST_METRIC = "valid/ndcg@10"
+"""The validation metric of run.keep_best and run.early_stop_patience (higher is better)."""
 COUNT_KEYS = ("sequences", "positions", "items")
 """Keys of ModelOutput.logs that are batch counts, not losses."""
 STREAM_STATS = ("bad_samples", "bad_images", "tar_errors", "topup_passes")
@@ -74,6 +82,10 @@ def import_deepspeed() -> ModuleType:
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would drown ours
+    # DeepSpeed's ZeRO collectives call torch APIs that torch 2.13 deprecates: one warning per call otherwise
+    warnings.filterwarnings(
+        "ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated", FutureWarning
+    )
     return deepspeed
 
 
@@ -179,6 +191,16 @@ def lr_schedule(optimizer: torch.optim.Optimizer, optim: OptimConfig) -> torch.o
 
 # ---- the run ----------------------------------------------------------------------------------------
 
+ModelFactory = Callable[[TrainConfig, Catalog], nn.Module]
+"""Builds the model to train from the resolved config and the catalog of the run's domains (called on every rank
+with the same seed, before DeepSpeed wraps the model; only parameters with requires_grad are optimized)."""
+Exporter = Callable[[Any, TrainConfig, Catalog, Path], Path]
+"""Writes the engine's model into a folder: ``(engine, cfg, catalog, folder) -> folder``; every rank calls it."""
+
+
+new_recommender: ModelFactory = validate.new_model
+"""The default :data:`ModelFactory`: a freshly initialised Recommender (pretraining)."""
+
 
 def catalog_folders(cfg: TrainConfig) -> list[str]:
     """The catalog's domains: the training domains in stream order, then validation-only ones (the model's
@@ -190,6 +212,24 @@ def catalog_folders(cfg: TrainConfig) -> list[str]:
             known.add(Path(folder).resolve())
             folders.append(folder)
     return folders
+
+
+@dataclass
+class Best:
+    """The best validation so far (run.keep_best, run.early_stop_patience)."""
+
+    score: float = -math.inf
+    step: int = 0
+    stale: int = 0
+    """Validations since the best one that did not improve on it."""
+
+    def update(self, score: float, step: int) -> bool:
+        """Count the validation of ``step``; True when it is a new best (a NaN score never is)."""
+        if score > self.score:
+            self.score, self.step, self.stale = score, step, 0
+            return True
+        self.stale += 1
+        return False
 
 
 class Meter:
@@ -219,10 +259,25 @@ class Run:
     catalog: Catalog
     folders: list[str]
     gather: GatherNegatives | None
+    export: Exporter = checkpoint.export
+    model_factory: ModelFactory = new_recommender
+    """What built the model: also builds the full evaluation copy under ZeRO-3 (validate.evaluation_model)."""
     writer: Any = None  # SummaryWriter on rank 0
     step: int = 0
     meter: Meter = field(default_factory=Meter)
     grad_norm: float | None = None
+    best: Best = field(default_factory=Best)
+    stopped: bool = False
+    """Early stopping ended the run before optim.max_steps."""
+    first_step: int = 0
+    """The step this process started from (a resumed run's checkpoint step)."""
+    train_s: float = 0.0
+    """Seconds spent in training steps (data, forward, backward, optimizer) in this process; validation,
+    checkpoints and exports not included."""
+
+    @property
+    def tracks_best(self) -> bool:
+        return self.cfg.run.keep_best or self.cfg.run.early_stop_patience > 0
 
     @property
     def own_grad_norm(self) -> bool:
@@ -244,14 +299,20 @@ def norm_buffers_to_bf16(model: nn.Module) -> None:
             module.running_var.data = module.running_var.data.to(torch.bfloat16)
 
 
-def build(cfg: TrainConfig, dist: Dist) -> Run:
-    """Stream, catalog, model, optimizer, schedule and DeepSpeed engine (same seed on every rank)."""
+def build(
+    cfg: TrainConfig,
+    dist: Dist,
+    model_factory: ModelFactory = new_recommender,
+    exporter: Exporter = checkpoint.export,
+) -> Run:
+    """Stream, catalog, model (from ``model_factory``), optimizer, schedule and DeepSpeed engine (same seed on
+    every rank)."""
     deepspeed = import_deepspeed()
     seed_everything(cfg.engine.seed)
     stream = SequenceStream(cfg.data.domains, cfg.data.stream)
     folders = catalog_folders(cfg)
     catalog = Catalog.from_folders(folders)
-    model = Recommender(cfg.model, cfg.loss, catalog, image_size=cfg.data.stream.image_size)
+    model = model_factory(cfg, catalog)
     if cfg.engine.precision == "bf16":
         norm_buffers_to_bf16(model)
     seed_everything(cfg.engine.seed + dist.rank)  # dropout and sampled negatives differ across ranks
@@ -266,7 +327,7 @@ def build(cfg: TrainConfig, dist: Dist) -> Run:
         dist_init_required=False,
     )
     gather = GatherNegatives(dist.rank, dist.device) if cfg.loss.gather_negatives and dist.world_size > 1 else None
-    return Run(cfg, dist, engine, stream, catalog, folders, gather)
+    return Run(cfg, dist, engine, stream, catalog, folders, gather, export=exporter, model_factory=model_factory)
 
 
 def _open_writer(run: Run, resumed: bool) -> None:
@@ -279,28 +340,66 @@ def _open_writer(run: Run, resumed: bool) -> None:
     run.writer.add_text("config", "```\n" + json.dumps(to_dict(run.cfg), indent=2) + "\n```", run.step)
 
 
-def train(cfg: TrainConfig) -> dict[str, float]:
-    """Train as ``cfg`` says; returns the last logged metrics (on rank 0; others get {})."""
+def train(
+    cfg: TrainConfig, model_factory: ModelFactory = new_recommender, exporter: Exporter = checkpoint.export
+) -> dict[str, float]:
+    """Train as ``cfg`` says, the model built by ``model_factory`` and written to ``run.out_dir/model`` (and
+    ``best``) by ``exporter``. Returns the last logged metrics and the run's ``run/*`` summary (:func:`summary`)."""
     checkpoint.check_out_dir(cfg)
     dist = init_distributed(cfg.engine.process_group_timeout_s)
     try:
-        run = build(cfg, dist)
+        run = build(cfg, dist, model_factory, exporter)
         resumed = cfg.run.resume and checkpoint.latest_tag(run.out_dir) is not None
         if resumed:
-            run.step = checkpoint.load(run.engine, run.stream, run.out_dir)
+            run.step = run.first_step = checkpoint.load(run.engine, run.stream, run.out_dir)
             log.info("resumed from step %d (epoch %d, batch %d)", run.step, run.stream.epoch, run.stream.batches_done)
+            restore_best(run)
         if dist.rank == 0:
             save_config(cfg, run.out_dir / "config.json")
         _open_writer(run, resumed)
         try:
             last = loop(run)
-            checkpoint.export(run.engine, cfg, run.catalog, run.out_dir / "model")
+            run.export(run.engine, cfg, run.catalog, run.out_dir / "model")
         finally:
             if run.writer is not None:
                 run.writer.close()
-        return last
+        return {**last, **summary(run)}
     finally:
         torch.distributed.barrier()
+
+
+def summary(run: Run) -> dict[str, float]:
+    """``run/step`` (optimizer steps done), ``run/train_s`` (:attr:`Run.train_s`) and ``run/timed_steps`` (the steps
+    it timed: those of this process), ``run/batches_per_epoch`` (this rank's micro-batches per epoch),
+    ``run/early_stopped`` (1.0 or 0.0) and, when the best is tracked, ``run/best_step`` and ``run/best_score`` (its
+    valid/ndcg@10)."""
+    out = {
+        "run/step": float(run.step),
+        "run/train_s": run.train_s,
+        "run/timed_steps": float(run.step - run.first_step),
+        "run/batches_per_epoch": float(len(run.stream)),
+        "run/early_stopped": float(run.stopped),
+    }
+    if run.tracks_best and run.best.step:
+        out.update({"run/best_step": float(run.best.step), "run/best_score": run.best.score})
+    return out
+
+
+def restore_best(run: Run) -> None:
+    """After a resume: the best validation and the validations since it, from metrics.jsonl up to the resumed
+    step (rows that a crashed run logged after its checkpoint are ignored; a step logged twice counts once)."""
+    path = run.out_dir / "metrics.jsonl"
+    if not run.tracks_best or not path.is_file():
+        return
+    scores: dict[int, float] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if BEST_METRIC in row and row["step"] <= run.step:
+            scores[row["step"]] = row[BEST_METRIC]
+    for step in sorted(scores):
+        run.best.update(scores[step], step)
+    patience = run.cfg.run.early_stop_patience
+    run.stopped = patience > 0 and run.best.stale >= patience
 
 
 def shutdown() -> None:
@@ -323,7 +422,8 @@ def _epoch_batches(run: Run) -> Iterator[Batch]:
             )
         if stream.batches_done == 0 and run.cfg.model.user.interest_tokens:
             with torch.random.fork_rng(devices=_devices(run)):
-                validate.refresh_interests(run.engine, run.cfg, run.folders[: len(run.cfg.data.domains)], run.dist)
+                train_folders = run.folders[: len(run.cfg.data.domains)]
+                validate.refresh_interests(run.engine, run.cfg, train_folders, run.dist, run.model_factory)
         batches = iter(stream)
         # the DataLoader draws its workers' base seed from the global RNG: keep that draw out of the training
         # RNG, so a resumed run (which starts its iterator at another point) makes the same random choices
@@ -347,7 +447,8 @@ def loop(run: Run) -> dict[str, float]:
     engine.train()
     run.meter.restart()
     with bar, contextlib.closing(_epoch_batches(run)) as batches:
-        while run.step < max_steps:
+        while run.step < max_steps and not run.stopped:
+            start = time.perf_counter()
             batch = next(batches).to(run.dist.device)
             out = engine(batch, run.gather)
             engine.backward(out.loss)
@@ -355,6 +456,7 @@ def loop(run: Run) -> dict[str, float]:
             if boundary and run.own_grad_norm:
                 run.grad_norm = _grad_norm(engine.module)
             engine.step()
+            run.train_s += time.perf_counter() - start
             run.meter.add(out.logs)
             if not boundary:
                 continue
@@ -387,14 +489,30 @@ def _after_step(run: Run, bar: tqdm) -> dict[str, float] | None:
         cfg.data.valid_domains is None or cfg.data.valid_domains
     ):
         with torch.random.fork_rng(devices=_devices(run)):  # validation must not shift the training RNG
-            metrics = validate.quick_validation(run.engine, cfg, run.folders, run.dist)
+            metrics = validate.quick_validation(run.engine, cfg, run.folders, run.dist, run.model_factory)
         _write(run, metrics)
         if run.dist.rank == 0:
             log.info("step %d validation: %s", step, _brief(metrics))
         logged = {**(logged or {}), **metrics}
-    if _due(step, cfg.run.save_every, cfg.optim.max_steps):
+        _track_best(run, metrics)
+    if _due(step, cfg.run.save_every, cfg.optim.max_steps) or run.stopped:
         checkpoint.save(run.engine, cfg, run.stream, step, run.out_dir)
     return logged
+
+
+def _track_best(run: Run, metrics: dict[str, float]) -> None:
+    """Export a new best to ``out_dir/best``; stop after run.early_stop_patience validations without one. The
+    metrics are all-reduced, so every rank takes the same decision (and joins the export)."""
+    if not run.tracks_best:
+        return
+    if run.best.update(metrics[BEST_METRIC], run.step):
+        run.export(run.engine, run.cfg, run.catalog, run.out_dir / "best")
+    patience = run.cfg.run.early_stop_patience
+    if patience and run.best.stale >= patience:
+        run.stopped = True
+        if run.dist.rank == 0:
+            log.info("early stop at step %d: %s has not improved on step %d's %.4g for %d validations",
+                     run.step, BEST_METRIC, run.best.step, run.best.score, run.best.stale)  # fmt: skip
 
 
 def _brief(metrics: dict[str, float]) -> str:

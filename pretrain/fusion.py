@@ -150,7 +150,9 @@ class ScoreFusion(SumFusion):
         super().__init__(dim)
         if tau <= 0:
             raise ValueError(f"tau must be > 0, got {tau}")
-        self.log_tau = nn.Parameter(torch.tensor(math.log(tau)))
+        # shape (1,), not 0-dim: DeepSpeed's parameter broadcast views every parameter as bytes, which a 0-dim
+        # tensor refuses ("self.dim() cannot be 0 to view Float as Byte")
+        self.log_tau = nn.Parameter(torch.tensor([math.log(tau)]))
 
     @property
     def tau(self) -> torch.Tensor:

@@ -7,6 +7,7 @@ Multi-process ZeRO-2/3 and the two-node launch are in tests/dist/test_pretrain_d
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -185,3 +186,11 @@ def test_optimizer_groups(folders, tmp_path: Path) -> None:
         if g["lr"] == 1e-5:
             assert all(n.startswith(("text.backbone", "image.backbone")) for n in names), names
     assert {g["lr"] for g in groups} == {1e-5, cfg.optim.lr}
+
+
+@pytest.mark.parametrize("kind", ["score", "qformer"])
+def test_fusions_with_their_own_parameters_train_under_deepspeed(folders, tmp_path: Path, kind: str) -> None:
+    """Score fusion's temperature once was a 0-dim parameter, which DeepSpeed's initial broadcast refused."""
+    more = [f"model.fusion.kind={kind}", "optim.max_steps=2", "optim.warmup_steps=1", "run.eval_every=0"]
+    last = train(config(folders, tmp_path / kind, *more, "run.eval_users=8"))
+    assert math.isfinite(last["loss/total"]) and "valid/ndcg@10" in last
