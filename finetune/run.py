@@ -1,0 +1,241 @@
+"""A finetuning run: the config resolved from the pretrained run's, the pretrain engine with finetune's model
+factory and exporter, and a summary of what it cost.
+
+Config precedence (later wins): defaults < ``run.out_dir=runs/finetune``, ``run.keep_best=true`` < the pretrained
+run's ``model``, ``data.stream`` and ``loss`` sections < ``--config`` files < ``--from`` / ``--data`` / ``--mode``
+< ``section.field=value`` overrides < what the mode implies (:func:`finetune.modes.mode_overrides`). With ``--from
+none`` there is no pretrained layer: the architecture comes from the files (the preset the pretraining used).
+
+The run writes what pretraining writes (config.json, metrics.jsonl, tb/, checkpoints/), with ``model/`` and
+``best/`` in finetune's format (:mod:`finetune.export`), and ``summary.json``: trainable parameters per part, the
+weights transferred and skipped, steps, time per epoch, peak memory, the best validation.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import resource
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pretrain.config import TrainConfig, from_dict, load_config, to_dict
+from pretrain.model import Catalog, Recommender
+
+from .export import load_finetuned, save_finetuned
+from .modes import PARTS, mode_overrides
+from .transfer import Prepared, Source, prepare_model, read_export_config
+
+log = logging.getLogger(__name__)
+
+NONE = "none"
+"""``--from none``: the no-pretraining control."""
+DEFAULTS = {"run": {"out_dir": "runs/finetune", "keep_best": True}}
+"""Finetuning's own defaults, below everything else."""
+SUMMARY = "summary.json"
+
+
+def _merge(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``layer`` into ``base`` (in place): tables merge, everything else replaces."""
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def resolve_config(
+    from_path: str | None = None,
+    data: Sequence[str] | None = None,
+    mode: str | None = None,
+    config_files: Sequence[str | os.PathLike] = (),
+    overrides: Sequence[str] = (),
+) -> TrainConfig:
+    """The finetuning config (see the module docstring for the order of the layers). ``from_path``, ``data`` and
+    ``mode`` are the command line's --from, --data and --mode (None: as the files and overrides say)."""
+    flags = []
+    if from_path is not None:
+        flags.append(f"finetune.from_path={from_path}")
+    if data is not None:  # the target domains, validated on themselves
+        flags += [f"data.domains={json.dumps(list(data))}", "data.valid_domains=none"]
+    if mode is not None:
+        flags.append(f"finetune.mode={mode}")
+    cli = [*flags, *overrides]
+    if from_path is None:  # set in a file or an override: a first pass finds it (the pretrained layer lies below)
+        from_path = load_config(config_files, cli, base=DEFAULTS).finetune.from_path
+    if not from_path:
+        raise ValueError("finetune.from_path is not set: pass --from PRETRAINED_EXPORT (a pretraining run's model/ "
+                         "folder) or --from none (no pretraining)")  # fmt: skip
+    base = copy.deepcopy(DEFAULTS)
+    if from_path != NONE:
+        pretrained = read_export_config(from_path)["config"]
+        _merge(base, {"model": pretrained["model"], "data": {"stream": pretrained["data"]["stream"]},
+                      "loss": pretrained["loss"]})  # fmt: skip
+    cfg = load_config(config_files, cli, base=base)
+    if cfg.finetune.from_path != from_path:
+        raise ValueError(f"--from {from_path} and finetune.from_path={cfg.finetune.from_path} disagree: give one")
+    if not cfg.data.domains:
+        raise ValueError("data.domains is empty: name the target domain folders with --data")
+    if cfg.finetune.id_embeddings is False and cfg.loss.content_id:
+        raise ValueError(f"loss.content_id ({cfg.loss.content_id}, from the pretrained run or your config) needs "
+                         "item-ID embeddings, which finetune.id_embeddings=false drops: set loss.content_id=0, or "
+                         "finetune.id_embeddings=true")  # fmt: skip
+    return from_dict(_merge(to_dict(cfg), mode_overrides(cfg)))
+
+
+# ---- the run ----------------------------------------------------------------------------------------------
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+class Finetune:
+    """The hooks that finetuning hands to :func:`pretrain.engine.train`: the model factory (pretrained weights,
+    target catalog, mode) and the exporter (trained tensors + pointer)."""
+
+    def __init__(self, source: Source | None) -> None:
+        self.source = source
+        self.prepared: Prepared | None = None
+
+    def model(self, cfg: TrainConfig, catalog: Catalog) -> Recommender:
+        """The model to train; called again for the evaluation copies under ZeRO-3 (logged the first time only)."""
+        model, prepared = prepare_model(cfg, catalog, self.source)
+        if self.prepared is None:
+            self.prepared = prepared
+            if _rank() == 0:
+                _log_prepared(cfg, prepared)
+        return model
+
+    def export(self, engine: Any, cfg: TrainConfig, catalog: Catalog, folder: Path) -> Path:
+        return save_finetuned(engine.module, cfg, catalog, self.source, folder, engine=engine)
+
+
+def _log_prepared(cfg: TrainConfig, prepared: Prepared) -> None:
+    origin = "no pretraining (--from none)" if prepared.source is None else prepared.source.path
+    log.info("finetune mode %s from %s", cfg.finetune.mode, origin)
+    if prepared.transfer is not None:
+        t = prepared.transfer
+        log.info("loaded %d pretrained tensors; skipped (catalog-dependent) %s; fresh %s", len(t.loaded), t.skipped,
+                 t.fresh)  # fmt: skip
+    for part, row in prepared.params.items():
+        log.info("  %-15s trainable %10d of %10d parameters", part, row["trainable"], row["total"])
+    for part, layers in prepared.lora.items():
+        if not layers:
+            default = part == "image" and cfg.finetune.lora_image_targets is None
+            why = f"{cfg.model.image.architecture}: no attention" if default else f"finetune.lora_{part}_targets=[]"
+            log.info("  no LoRA on %s (%s)", part, why)
+            continue
+        log.info("  LoRA on %s: %d layers %s", part, len(layers), layers if len(layers) <= 8 else layers[:8] + ["..."])
+
+
+def finetune(cfg: TrainConfig) -> dict[str, Any]:
+    """Finetune as ``cfg`` says (from :func:`resolve_config`) with the pretrain engine; returns the summary (also
+    written to ``run.out_dir/summary.json``, TensorBoard and metrics.jsonl by rank 0)."""
+    from pretrain.engine import train  # imports DeepSpeed: only when training
+
+    source = None if cfg.finetune.from_path == NONE else Source.open(cfg.finetune.from_path)
+    job = Finetune(source)
+    metrics = train(cfg, model_factory=job.model, exporter=job.export)
+    assert job.prepared is not None
+    summary = make_summary(cfg, job.prepared, metrics)
+    summary["test"] = evaluate_best(Path(cfg.run.out_dir) / "best", cfg)
+    if _rank() == 0:
+        _write_summary(cfg, summary)
+    return summary
+
+
+def evaluate_best(folder: Path, cfg: TrainConfig) -> dict[str, float]:
+    """Full-ranking test metrics (:func:`pretrain.evaluate.evaluate_domain`) of the model in ``folder`` (the best
+    one, or the last when no best was kept) on every target domain's test split: ``test/full/...`` for one
+    domain, ``test/<domain>/full/...`` per domain when there are several. Every rank must call it."""
+    from pretrain.evaluate import EvalOptions, evaluate_domain
+
+    if not folder.is_dir():
+        folder = Path(cfg.run.out_dir) / "model"
+    model, _, catalog = load_finetuned(folder)
+    if torch.distributed.is_initialized() and torch.cuda.is_available():
+        model = model.to(torch.device("cuda", torch.cuda.current_device()))
+    opts = EvalOptions(splits=("test",), batch_size=cfg.data.stream.batch_size)
+    metrics: dict[str, float] = {}
+    for domain, data in enumerate(cfg.data.domains):
+        result = evaluate_domain(model, data, domain, cfg.data.stream, opts).metrics()
+        if len(cfg.data.domains) == 1:
+            metrics.update(result)
+        else:
+            metrics.update({f"test/{catalog.domains[domain]}/{k.removeprefix('test/')}": v for k, v in result.items()})
+    if _rank() == 0:
+        brief = {k: round(v, 4) for k, v in metrics.items() if k.endswith(("ndcg@10", "hr@10")) and k.count("/") <= 3}
+        log.info("test (%s): %s", folder, brief)
+    return metrics
+
+
+def _peak_memory_gb(metrics: dict[str, float]) -> dict[str, float | None]:
+    own_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
+    cuda = metrics.get("mem/cuda_max_allocated_gb")
+    if cuda is None and torch.cuda.is_available():
+        cuda = torch.cuda.max_memory_allocated() / 1e9
+    return {"peak_rss_gb": max(own_rss, metrics.get("mem/peak_rss_gb", 0.0)), "cuda_max_allocated_gb": cuda}
+
+
+def make_summary(cfg: TrainConfig, prepared: Prepared, metrics: dict[str, float]) -> dict[str, Any]:
+    """What the run trained and what it cost, from the prepared model and the engine's returned metrics."""
+    steps = int(metrics["run/step"])
+    epoch_steps = max(metrics["run/batches_per_epoch"], 1.0) / cfg.optim.grad_accum
+    timed_epochs = metrics["run/timed_steps"] / epoch_steps  # a resumed run times its own steps only
+    best = None
+    if "run/best_step" in metrics:
+        best = {"step": int(metrics["run/best_step"]), "valid/ndcg@10": metrics["run/best_score"]}
+    return {
+        "mode": cfg.finetune.mode,
+        "pretrained": None if prepared.source is None else prepared.source.pointer(),
+        "params": prepared.params,
+        "lora": prepared.lora,
+        "transfer": None if prepared.transfer is None else prepared.transfer.to_dict(),
+        "steps": steps,
+        "early_stopped": bool(metrics["run/early_stopped"]),
+        "best": best,
+        "time": {
+            "epochs": steps / epoch_steps,
+            "train_s": metrics["run/train_s"],
+            "s_per_epoch": metrics["run/train_s"] / timed_epochs if timed_epochs else None,
+        },
+        "memory": _peak_memory_gb(metrics),
+        "test": None,
+    }
+
+
+def summary_scalars(summary: dict[str, Any]) -> dict[str, float]:
+    """The summary's numbers as flat ``finetune/*`` scalars (TensorBoard, metrics.jsonl)."""
+    params = summary["params"]
+    out = {"finetune/trainable_params": float(params["all"]["trainable"]),
+           "finetune/total_params": float(params["all"]["total"])}  # fmt: skip
+    out.update({f"finetune/trainable_params/{p}": float(params[p]["trainable"]) for p in PARTS if p in params})
+    if summary["time"]["s_per_epoch"] is not None:
+        out["finetune/s_per_epoch"] = summary["time"]["s_per_epoch"]
+    out.update({f"finetune/{k}": v for k, v in summary["memory"].items() if v is not None})
+    if summary["best"] is not None:
+        out["finetune/best_step"] = float(summary["best"]["step"])
+    out.update(summary["test"] or {})
+    return out
+
+
+def _write_summary(cfg: TrainConfig, summary: dict[str, Any]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    out = Path(cfg.run.out_dir)
+    (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    scalars = summary_scalars(summary)
+    with SummaryWriter(str(out / "tb")) as writer:
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, value, summary["steps"])
+        writer.add_text("finetune/summary", "```\n" + json.dumps(summary, indent=1) + "\n```", summary["steps"])
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": summary["steps"], **scalars}) + "\n")
+    log.info("finetune summary: %s", out / SUMMARY)

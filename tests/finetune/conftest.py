@@ -1,0 +1,87 @@
+"""Shared fixtures of the finetune tests: tiny shards of two source domains and one target domain, and a tiny
+model pretrained on the sources for 2 steps (launch/configs/tiny.toml, in-process), built once per session."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from shards.build import BuildOptions, build
+from shards.synth import synthesize
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "launch/configs/tiny.toml"
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared 2-core machine run far faster on one thread
+    yield
+    torch.set_num_threads(threads)
+
+
+def _lone_process(mp: pytest.MonkeyPatch) -> None:
+    """train() fills in the launcher's variables for a lone process: keep them out of other tests."""
+    for name in DIST_ENV:
+        mp.delenv(name, raising=False)
+    mp.setenv("DS_ACCELERATOR", "cpu")
+    mp.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def lone_process(monkeypatch):
+    from pretrain.engine import shutdown
+
+    _lone_process(monkeypatch)
+    yield
+    shutdown()
+
+
+@pytest.fixture(scope="session")
+def domains(tmp_path_factory) -> dict[str, list[str]]:
+    """{"source": [books, movies], "target": [fashion]}: 30 users and 40 items each, 32 px images."""
+    root = tmp_path_factory.mktemp("finetune-shards")
+    built = []
+    for src in synthesize(root / "src", domains=["books", "movies", "fashion"], users_per_domain=30,
+                          items_per_domain=40, n_topics=4):  # fmt: skip
+        opts = BuildOptions(min_user_interactions=3, image_size=32, samples_per_shard=16)
+        build(src, root / "shards" / src.name, opts, progress=False)
+        built.append(str(root / "shards" / src.name))
+    return {"source": built[:2], "target": built[2:]}
+
+
+def tiny_overrides(folders: list[str], out_dir: Path, *more: str) -> list[str]:
+    return [
+        f"data.domains={json.dumps(folders)}",
+        f"run.out_dir={out_dir}",
+        "data.stream.num_workers=0",
+        "data.stream.batch_size=6",
+        "engine.process_group_timeout_s=60",
+        *more,
+    ]
+
+
+@pytest.fixture(scope="session")
+def pretrained(domains, tmp_path_factory) -> Path:
+    """The export (model/ folder) of tiny.toml trained 2 steps on the source domains."""
+    from pretrain.config import load_config
+    from pretrain.engine import shutdown, train
+
+    out = tmp_path_factory.mktemp("pretrained") / "run"
+    more = ("optim.max_steps=2", "optim.warmup_steps=1", "run.eval_every=0")
+    cfg = load_config(str(TINY), tiny_overrides(domains["source"], out, *more))
+    with pytest.MonkeyPatch.context() as mp:
+        _lone_process(mp)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            train(cfg)
+        finally:
+            shutdown()
+            torch.set_num_threads(threads)
+    return out / "model"
