@@ -44,7 +44,8 @@ output (run.out_dir): config.json, metrics.jsonl, tb/, checkpoints/ as in pretra
 (best validation): finetuned.json (config, catalog, a pointer to the pretrained export: its path and the SHA-256 of
 its weights) + adapter_model.safetensors (only the trained tensors, LoRA under PEFT's names); reload with
 finetune.load_finetuned(folder) (LoRA merged into the weights). summary.json: trainable parameters per part, the
-transferred and skipped tensors, steps, time per epoch, peak memory, the best validation."""
+transferred and skipped tensors, steps, time per epoch, peak memory, the best validation, and the
+full-ranking test metrics of the best model (pretrain.evaluate: test/full/ndcg@10, ...)."""
 
 EXAMPLES = """\
 examples:

@@ -8,7 +8,8 @@ none`` there is no pretrained layer: the architecture comes from the files (the 
 
 The run writes what pretraining writes (config.json, metrics.jsonl, tb/, checkpoints/), with ``model/`` and
 ``best/`` in finetune's format (:mod:`finetune.export`), and ``summary.json``: trainable parameters per part, the
-weights transferred and skipped, steps, time per epoch, peak memory, the best validation.
+weights transferred and skipped, steps, time per epoch, peak memory, the best validation, and the
+full-ranking test metrics (pretrain.evaluate) of the best model.
 """
 
 from __future__ import annotations
