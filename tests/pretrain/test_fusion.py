@@ -132,7 +132,7 @@ def test_score_fusion_lies_between_mean_and_max_and_reaches_both_limits():
 
 def test_score_fusion_tau_is_positive_and_learnable():
     f = ScoreFusion(D, tau=0.5)
-    torch.testing.assert_close(f.tau, torch.tensor(0.5))
+    torch.testing.assert_close(f.tau, torch.tensor([0.5]))  # shape (1,): DeepSpeed refuses 0-dim parameters
     user_BD, text_UD, image_UD, has_text_U, has_image_U = score_case()
     image_UD = image_UD.clone()
     image_UD[1] = float("nan")  # missing: never read
