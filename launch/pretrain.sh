@@ -6,10 +6,13 @@
 #   NPROC=2 launch/pretrain.sh --config launch/configs/tiny.toml --resume         # continue from the latest checkpoint
 #   HOSTFILE=launch/hostfile.example NPROC=8 launch/pretrain.sh --config ...      # every node of the hostfile
 #
-# Arguments go to `python -m pretrain` unchanged (see `python -m pretrain --help`); the launcher appends
+#   MODULE=finetune NPROC=2 launch/pretrain.sh --from runs/x/model --data shards/target --mode lora  # finetune too
+#
+# Arguments go to `python -m pretrain` (or $MODULE) unchanged (see `python -m pretrain --help`); the launcher appends
 # --local_rank=N, which pretrain accepts and ignores (the rank comes from the environment it sets).
 #
 # Environment:
+#   MODULE       the module to launch: pretrain (default) or finetune
 #   NPROC        ranks per node (default: the GPUs of this machine, or 1 without GPU)
 #   HOSTFILE     several nodes: DeepSpeed's hostfile ("host slots=N" per line). Needs passwordless ssh and pdsh,
 #                the same checkout and .venv path on every node, and a shared file system for run.out_dir
@@ -50,9 +53,9 @@ if [ -n "${HOSTFILE:-}" ]; then
     export DS_ENV_FILE
     trap 'rm -f "$DS_ENV_FILE"' EXIT
     for name in "${FORWARD[@]}"; do echo "$name=${!name}" >> "$DS_ENV_FILE"; done
-    deepspeed "${ARGS[@]}" --module pretrain "$@"
+    deepspeed "${ARGS[@]}" --module "${MODULE:-pretrain}" "$@"
 else
     ARGS+=(--num_nodes 1)
     if [ -n "${MASTER_ADDR:-}" ]; then ARGS+=(--master_addr "$MASTER_ADDR"); fi
-    exec deepspeed "${ARGS[@]}" --module pretrain "$@"
+    exec deepspeed "${ARGS[@]}" --module "${MODULE:-pretrain}" "$@"
 fi
