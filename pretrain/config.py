@@ -298,7 +298,8 @@ class UserEncoderConfig(_Section):
     checkpointing; the item encoders have their own switch)."""
     id_embeddings: bool = False
     """Hybrid items: add a learned ID embedding per (domain, item) to the content embedding (EM3; needed by
-    loss.content_id). IDs do not transfer: finetune drops or re-learns them."""
+    loss.content_id). IDs do not transfer: finetune drops or re-learns them. With model.text.enabled and
+    model.image.enabled both false, items are their ID embeddings alone (ID-only SASRec baseline)."""
     interest_tokens: int = 0
     """MISSRec interest tokens: the number of interest prototypes found by DPC-KNN over the catalog's item
     embeddings before each epoch; each sequence also attends to its distinct prototypes. 0: off."""
@@ -328,10 +329,20 @@ class ModelConfig(_Section):
     """The sequence encoder."""
 
     def _validate(self) -> None:
-        _check(self.text.enabled or self.image.enabled, "model.text.enabled", "or model.image.enabled must be true")
+        content = self.text.enabled or self.image.enabled
+        _check(
+            content or self.user.id_embeddings,
+            "model.text.enabled",
+            "or model.image.enabled must be true, or model.user.id_embeddings for an ID-only model (SASRec)",
+        )
+        _check(
+            content or self.fusion.kind == "sum",
+            "model.fusion.kind",
+            f"is {self.fusion.kind!r}, but an ID-only model (no text or image encoder) has nothing to fuse: use 'sum'",
+        )
         both = self.text.enabled and self.image.enabled
         _check(
-            both or self.fusion.kind in ("sum", "qformer"),
+            both or not content or self.fusion.kind in ("sum", "qformer"),
             "model.fusion.kind",
             f"is {self.fusion.kind!r}, which combines two modalities: enable both encoders or use 'sum'",
         )
@@ -597,11 +608,22 @@ class TrainConfig(_Section):
             f"({stream.text_model!r}): set both",
         )
         _check(
+            stream.item_content or not (model.text.enabled or model.image.enabled),
+            "data.stream.item_content",
+            "is false, but the model has a text or image encoder to feed: set it true (false is for ID-only models)",
+        )
+        _check(
             not (model.image.enabled and model.image.cache_frozen and stream.augment),
             "model.image.cache_frozen",
             "cannot be combined with data.stream.augment (cached features would ignore the flips)",
         )
         _check(not loss.content_id or model.user.id_embeddings, "loss.content_id", "needs model.user.id_embeddings")
+        _check(
+            not loss.content_id or model.text.enabled or model.image.enabled,
+            "loss.content_id",
+            "needs a content encoder (model.text.enabled or model.image.enabled): an ID-only model has no content "
+            "to align its IDs with",
+        )
         _check(
             not (self.run.keep_best or self.run.early_stop_patience) or self.data.valid_domains != [],
             "run.keep_best" if self.run.keep_best else "run.early_stop_patience",

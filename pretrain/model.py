@@ -1,7 +1,8 @@
 """The recommender: item encoders -> fusion -> the batch's item table; a causal user encoder over sequences of
 those items; the pretraining objectives of TransRec, MISSRec and EM3, weighted by ``LossConfig``.
 
-Items are known by content (text, image) and optionally by a per-domain ID (hybrid). Every distinct item of a
+Items are known by content (text, image) and optionally by a per-domain ID (hybrid), or by their ID alone (the
+ID-only SASRec baseline: ``model.user.id_embeddings`` with both content encoders disabled). Every distinct item of a
 batch is encoded once (the stream's item table); sequences index into it. Users and items are compared by
 cosine similarity (unit vectors; divided by ``loss.temperature`` in the losses), or, with score fusion
 (MISSRec), by fusing the per-modality cosines.
@@ -93,9 +94,10 @@ class ItemEmbeddings:
     """Encoded item-table rows (U of them)."""
 
     items_UD: torch.Tensor
-    """What sequences are made of and dot products score: fused content, plus the ID embedding when hybrid."""
-    content_UD: torch.Tensor
-    """Fused content embedding alone."""
+    """What sequences are made of and dot products score: fused content, plus the ID embedding when hybrid (the
+    ID embedding alone when ID-only)."""
+    content_UD: torch.Tensor | None
+    """Fused content embedding alone (None for an ID-only model: no text or image encoder)."""
     text_UD: torch.Tensor | None
     image_UD: torch.Tensor | None
     has_text_U: torch.Tensor
@@ -157,7 +159,7 @@ class Recommender(nn.Module):
         """Encode item-table rows: anything with the item fields of ``shards.collate.Batch``."""
         rows_U = self.domain_offset[table.item_domain] + table.item_index
         tokens = self.model_cfg.fusion.kind == "qformer"
-        text_UD = text_tokens = image_UD = image_tokens = None
+        text_UD = text_tokens = image_UD = image_tokens = content_UD = None
         if self.text is not None:
             keys_U2 = item_keys(table.item_domain, table.item_index)
             text_UD, text_tokens = self.text(table.input_ids, table.attention_mask, keys_U2, with_tokens=tokens)
@@ -169,10 +171,13 @@ class Recommender(nn.Module):
             image_tokens = None if tokens_NPD is None else rows_to_items(tokens_NPD, table.image_row)
         has_text_U = table.has_text & (self.text is not None)
         has_image_U = table.has_image & (self.image is not None)
-        content_UD = self.fusion(text_UD, image_UD, has_text_U, has_image_U, text_tokens, table.attention_mask,
-                                 image_tokens)  # fmt: skip
+        if self.text is not None or self.image is not None:
+            content_UD = self.fusion(text_UD, image_UD, has_text_U, has_image_U, text_tokens, table.attention_mask,
+                                     image_tokens)  # fmt: skip
         id_UD = None if self.ids is None else self.ids(rows_U)
-        items_UD = content_UD if id_UD is None else content_UD + id_UD
+        if content_UD is None and id_UD is None:  # the config refuses this; a hand-built ModelConfig may not
+            raise ValueError("the model has no item representation: enable a content encoder or id_embeddings")
+        items_UD = id_UD if content_UD is None else content_UD if id_UD is None else content_UD + id_UD
         return ItemEmbeddings(items_UD, content_UD, text_UD, image_UD, has_text_U, has_image_U, id_UD, rows_U)
 
     def score(self, user_BD: torch.Tensor, items: ItemEmbeddings) -> torch.Tensor:
@@ -189,7 +194,8 @@ class Recommender(nn.Module):
         P = self.model_cfg.user.interest_tokens
         if P == 0:
             raise ValueError("refresh_interests needs model.user.interest_tokens > 0")
-        content_GD = _unit(items.content_UD.float())
+        # ID-only: cluster the ID embeddings (there is no content)
+        content_GD = _unit((items.items_UD if items.content_UD is None else items.content_UD).float())
         k = min(self.model_cfg.user.interest_knn, content_GD.shape[0] - 1)
         _, assignment_G = dpc_knn(content_GD, min(P, content_GD.shape[0]), k)
         self.interests.zero_()
@@ -231,6 +237,8 @@ class Recommender(nn.Module):
         if weights["cpc"]:
             losses["cpc"] = self._cpc(states_BLD, batch, items)
         if weights["content_id"]:
+            if items.content_UD is None or items.id_UD is None:
+                raise ValueError("loss.content_id needs content (a text or image encoder) and model.user.id_embeddings")
             losses["content_id"] = content_id_infonce(items.content_UD, items.id_UD, T)
         if weights["seq_seq"]:
             losses["seq_seq"] = self._seq_seq(states_BLD, batch, items)

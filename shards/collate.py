@@ -246,6 +246,9 @@ class Collator:
         )
 
     def _texts(self, table: Sequence[tuple[int, schema.Item]]) -> dict[str, torch.Tensor]:
+        if not self.cfg.item_content:  # ID-only model: no text is read
+            empty = torch.zeros((len(table), 0), dtype=torch.long)
+            return {"input_ids": empty, "attention_mask": empty, "has_text": torch.zeros(len(table), dtype=torch.bool)}
         texts = [it.text or "" for _, it in table]
         enc = load_tokenizer(self.cfg.text_model)(
             texts,
@@ -265,7 +268,7 @@ class Collator:
     def _images(self, table: Sequence[tuple[int, schema.Item]], flip_rng: random.Random | None) -> dict:
         decoded, image_row_U = [], torch.full((len(table),), -1, dtype=torch.long)
         for u, (domain, item) in enumerate(table):
-            if item.image is None:
+            if item.image is None or not self.cfg.item_content:
                 continue
             try:
                 decoded.append(decode_image(item.image, self.cfg.image_size))

@@ -100,6 +100,10 @@ class StreamConfig:
     """Per-channel standard deviation pixels are divided by (by Batch.normalized_pixels)."""
     augment: bool = False
     """Randomly flip item images horizontally (train split only; seeded, so reproducible)."""
+    item_content: bool = True
+    """Tokenize item texts and decode item images into the batches. False for an ID-only model (no text or image
+    encoder): items then carry no text and no image (empty token and pixel tensors), which saves the collation's
+    tokenizer and JPEG decoding."""
 
     def __post_init__(self) -> None:
         self.image_mean = tuple(float(x) for x in self.image_mean)  # TOML gives lists
