@@ -153,8 +153,15 @@ def _no_decay(name: str, param: nn.Parameter, embedding_ids: set[int]) -> bool:
 
 
 def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
-    """AdamW groups of the trainable parameters: (encoder_lr for the HF backbones | lr) x (decay | no decay)."""
-    encoder_ids = {id(p) for m in model.modules() if isinstance(m, Backbone) for p in m.parameters()}
+    """AdamW groups of the trainable parameters: (encoder_lr for the HF backbones' own weights | lr) x (decay | no
+    decay). LoRA weights inside a backbone (finetune) are new parameters, not pretrained ones: they get lr."""
+    encoder_ids = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, Backbone)
+        for n, p in m.named_parameters()
+        if ".lora_" not in f".{n}"
+    }
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():

@@ -17,6 +17,7 @@ from finetune.modes import PARTS, part_of
 from finetune.run import resolve_config
 from finetune.transfer import CATALOG_DEPENDENT, Source, prepare_model, transfer_weights
 from pretrain.config import TrainConfig
+from pretrain.engine import param_groups
 from pretrain.model import Catalog, Recommender
 from shards.stream import SequenceStream
 
@@ -111,6 +112,12 @@ def test_lora_adapts_the_attention_and_trains_the_heads(pretrained, domains) -> 
     rank, width = 8, 32
     assert prep.params["text.backbone"]["trainable"] == 4 * 2 * rank * width  # 4 layers, A (r x 32) + B (32 x r)
     assert prep.params["user"]["trainable"] == 8 * 2 * rank * width
+    # LoRA weights are new: a small encoder_lr (meant for pretrained backbone weights) must not starve them
+    cfg = resolved(pretrained, domains, "lora", "optim.encoder_lr=1e-6", "optim.lr=1e-3")
+    model, _ = prepared(cfg)
+    lr_of = {id(p): g["lr"] for g in param_groups(model, cfg.optim) for p in g["params"]}
+    lora = [p for n, p in model.named_parameters() if ".lora_" in n]
+    assert lora and all(lr_of[id(p)] == 1e-3 for p in lora)
 
 
 def test_fresh_id_embeddings_train_in_any_mode(pretrained, domains) -> None:
