@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from pretrain.config import TrainConfig, from_dict, load_config, to_dict
+from pretrain.config import TrainConfig, deep_merge, from_dict, load_config, to_dict
 from pretrain.model import Catalog, Recommender
 
 from .export import load_finetuned, save_finetuned
@@ -39,16 +39,6 @@ NONE = "none"
 DEFAULTS = {"run": {"out_dir": "runs/finetune", "keep_best": True}}
 """Finetuning's own defaults, below everything else."""
 SUMMARY = "summary.json"
-
-
-def _merge(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge ``layer`` into ``base`` (in place): tables merge, everything else replaces."""
-    for key, value in layer.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = copy.deepcopy(value)
-    return base
 
 
 def resolve_config(
@@ -76,7 +66,7 @@ def resolve_config(
     base = copy.deepcopy(DEFAULTS)
     if from_path != NONE:
         pretrained = read_export_config(from_path)["config"]
-        _merge(base, {"model": pretrained["model"], "data": {"stream": pretrained["data"]["stream"]},
+        deep_merge(base, {"model": pretrained["model"], "data": {"stream": pretrained["data"]["stream"]},
                       "loss": pretrained["loss"]})  # fmt: skip
     cfg = load_config(config_files, cli, base=base)
     if cfg.finetune.from_path != from_path:
@@ -87,7 +77,7 @@ def resolve_config(
         raise ValueError(f"loss.content_id ({cfg.loss.content_id}, from the pretrained run or your config) needs "
                          "item-ID embeddings, which finetune.id_embeddings=false drops: set loss.content_id=0, or "
                          "finetune.id_embeddings=true")  # fmt: skip
-    return from_dict(_merge(to_dict(cfg), mode_overrides(cfg)))
+    return from_dict(deep_merge(to_dict(cfg), mode_overrides(cfg)))
 
 
 # ---- the run ----------------------------------------------------------------------------------------------

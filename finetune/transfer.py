@@ -8,7 +8,6 @@ can check that it is rebuilt on the very weights it was trained from.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import torch
 from pretrain.checkpoint import EXPORT_CONFIG, EXPORT_WEIGHTS
 from pretrain.config import TrainConfig
 from pretrain.model import Catalog, Recommender
+from shards.build import sha256_file
 
 from .modes import apply_mode, parameter_counts
 
@@ -30,14 +30,6 @@ CATALOG_DEPENDENT = ("ids.weight", "prototype_of", "interests")
 """State-dict entries that belong to the pretraining catalog: item-ID embeddings (one row per source item) and
 MISSRec's interest buffers (prototypes of the source items; recomputed on the target catalog every epoch). The
 popularity and domain-offset buffers are not in the state dict: the target catalog gives them."""
-
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -52,7 +44,7 @@ class Source:
         """Check that ``folder`` is a momrec pretrained export, and hash its weights."""
         folder = Path(folder).resolve()
         read_export_config(folder)
-        return cls(str(folder), sha256_of(folder / EXPORT_WEIGHTS))
+        return cls(str(folder), sha256_file(folder / EXPORT_WEIGHTS))
 
     @classmethod
     def from_pointer(cls, pointer: dict[str, Any], path: str | Path | None = None) -> Source:

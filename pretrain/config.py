@@ -47,6 +47,7 @@ __all__ = [
     "TrainConfig",
     "UserEncoderConfig",
     "config_help",
+    "deep_merge",
     "deepspeed_config",
     "from_dict",
     "load_config",
@@ -719,7 +720,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     if cfg.engine.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
         derived["zero_force_ds_cpu_optimizer"] = False  # else DeepSpeed refuses a torch AdamW under ZeRO-Offload
-    return _merge(derived, copy.deepcopy(cfg.engine.deepspeed))
+    return deep_merge(derived, copy.deepcopy(cfg.engine.deepspeed))
 
 
 # ---- dicts <-> dataclasses ------------------------------------------------------------------------------
@@ -866,11 +867,11 @@ def to_dict(cfg: Any) -> Any:
 # ---- files and overrides --------------------------------------------------------------------------------
 
 
-def _merge(base: dict[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
     """Deep-merge ``layer`` into ``base`` (in place, and returned): tables merge, everything else replaces."""
     for key, value in layer.items():
         if isinstance(value, Mapping) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
+            deep_merge(base[key], value)
         else:
             base[key] = copy.deepcopy(value)
     return base
@@ -979,15 +980,15 @@ def load_config(
     merged = to_dict(TrainConfig())
     if base is not None:
         _check_layer(base, TrainConfig, "", "the base config")
-        _merge(merged, base)
+        deep_merge(merged, base)
     for path in map(Path, paths):
         layer = _read_file(path)
         _check_layer(layer, TrainConfig, "", str(path))
-        _merge(merged, layer)
+        deep_merge(merged, layer)
     for item in overrides:
         layer = _override_layer(item)
         _check_layer(layer, TrainConfig, "", f"command-line override {item!r}")
-        _merge(merged, layer)
+        deep_merge(merged, layer)
     return from_dict(merged)
 
 
