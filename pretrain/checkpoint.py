@@ -17,15 +17,20 @@ Checkpoints assume a file system shared by all nodes (rank 0 writes the pointer 
 Export (``run.out_dir/model``): ``config.json`` (the resolved config and the catalog) and ``model.safetensors``
 (the full state dict, gathered across ranks under ZeRO-3); :func:`load_pretrained` rebuilds the model from them.
 
-Security: our own files are JSON and safetensors, never pickle. DeepSpeed's loader, however, reads its own
-files with ``torch.load(weights_only=False)``, which can run code hidden in a crafted checkpoint: resume only from
-checkpoints you trust (known limitation, issue 8). The export holds no pickle at all.
+Security: no checkpoint file is ever unpickled with code-running power. Our own files are JSON and safetensors.
+DeepSpeed's own ``*.pt`` files are torch pickles, which its loader reads with ``torch.load(weights_only=False)``;
+:func:`load` swaps the engine's checkpoint engine for :class:`SafeLoads`, which reads them with
+``torch.load(weights_only=True)`` and allows exactly the DeepSpeed classes its ZeRO 0-3 files hold
+(:data:`DEEPSPEED_SAFE_GLOBALS`): a file naming any other global (e.g. a crafted ``__reduce__`` payload) is refused
+with a :class:`ValueError` naming it, before anything in it runs. The export holds no pickle at all.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -48,6 +53,15 @@ FORMAT = 1
 EXPORT_CONFIG = "config.json"
 EXPORT_WEIGHTS = "model.safetensors"
 _TAG = re.compile(r"step(\d{8})")
+DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+"""The only non-torch globals ``torch.load(weights_only=True)`` may rebuild from DeepSpeed's files (ZeRO 0-3, fp32 and
+bf16, measured with ``torch.serialization.get_unsafe_globals_in_checkpoint``): plain enums, dataclasses and loss
+scalers, rebuilt from their state without running any code of the file's choosing."""
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
@@ -125,6 +139,51 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
+# ---- loading DeepSpeed's pickles without letting them run code ----------------------------------------
+
+
+def _deepspeed_globals() -> list[Any]:
+    out = []
+    for name in DEEPSPEED_SAFE_GLOBALS:
+        module, attr = name.rsplit(".", 1)
+        out.append(getattr(importlib.import_module(module), attr))
+    return out
+
+
+def safe_torch_load(path: str | Path, map_location: Any = None) -> Any:
+    """``torch.load(weights_only=True)`` allowing :data:`DEEPSPEED_SAFE_GLOBALS` only; a file that names any other
+    global, or is not a readable torch file, is a ValueError naming it (nothing in it has run)."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: refused to load: it holds objects other than tensors and DeepSpeed's known state "
+                         f"(a checkpoint from elsewhere?): {reason}") from None  # fmt: skip
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path}: not a readable checkpoint file ({e})") from None
+
+
+class SafeLoads:
+    """A DeepSpeed checkpoint engine that is the engine's own for everything but ``load``, which is
+    :func:`safe_torch_load` (DeepSpeed's ``TorchCheckpointEngine.load`` passes ``weights_only=False``)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return safe_torch_load(path, map_location)
+
+
+def secure_loads(engine: Any) -> None:
+    """Make every later ``engine.load_checkpoint`` read DeepSpeed's files with :func:`safe_torch_load`."""
+    if not isinstance(engine.checkpoint_engine, SafeLoads):
+        engine.checkpoint_engine = SafeLoads(engine.checkpoint_engine)
+
+
 # ---- save and load ------------------------------------------------------------------------------------
 
 
@@ -190,6 +249,7 @@ def load(engine: Any, stream: SequenceStream, out_dir: str | Path) -> int:
         raise ValueError(f"{folder} was saved by {state['world_size']} ranks; resume it with as many, not {world}")
     mine = json.loads((folder / f"rank{rank:05d}.json").read_text(encoding="utf-8"))
     stream.load_state_dict(mine["stream"])
+    secure_loads(engine)
     path, _ = engine.load_checkpoint(str(ckpt), tag=tag)
     if path is None:
         raise ValueError(f"DeepSpeed found no checkpoint in {folder}")

@@ -1,0 +1,6 @@
+"""Fixtures of the reliability tests, borrowed from the test modules that own them (see reliability_support)."""
+
+from reliability_support import pretrain_fixtures
+
+folders = pretrain_fixtures.folders
+one_thread = pretrain_fixtures.one_thread
