@@ -27,6 +27,7 @@ import torch
 
 from pretrain.config import TrainConfig, deep_merge, from_dict, load_config, to_dict
 from pretrain.model import Catalog, Recommender
+from shards.subset import catalog_id
 
 from .export import load_finetuned, save_finetuned
 from .modes import PARTS, mode_overrides
@@ -144,9 +145,11 @@ def finetune(cfg: TrainConfig) -> dict[str, Any]:
 
 def evaluate_best(folder: Path, cfg: TrainConfig) -> dict[str, float]:
     """Full-ranking test metrics (:func:`pretrain.evaluate.evaluate_domain`) of the model in ``folder`` (the best
-    one, or the last when no best was kept) on every target domain's test split: ``test/full/...`` for one
+    one, or the last when no best was kept) on the test split of every validation domain (the target domains
+    unless data.valid_domains names others, e.g. the whole domain of a user subset): ``test/full/...`` for one
     domain, ``test/<domain>/full/...`` per domain when there are several. Every rank must call it."""
     from pretrain.evaluate import EvalOptions, evaluate_domain
+    from pretrain.validate import catalog_folders, valid_folders
 
     if not folder.is_dir():
         folder = Path(cfg.run.out_dir) / "model"
@@ -155,9 +158,12 @@ def evaluate_best(folder: Path, cfg: TrainConfig) -> dict[str, float]:
         model = model.to(torch.device("cuda", torch.cuda.current_device()))
     opts = EvalOptions(splits=("test",), batch_size=cfg.data.stream.batch_size)
     metrics: dict[str, float] = {}
-    for domain, data in enumerate(cfg.data.domains):
+    position = {catalog_id(f): d for d, f in enumerate(catalog_folders(cfg))}
+    folders = valid_folders(cfg) or list(cfg.data.domains)
+    for data in folders:
+        domain = position[catalog_id(data)]
         result = evaluate_domain(model, data, domain, cfg.data.stream, opts).metrics()
-        if len(cfg.data.domains) == 1:
+        if len(folders) == 1:
             metrics.update(result)
         else:
             metrics.update({f"test/{catalog.domains[domain]}/{k.removeprefix('test/')}": v for k, v in result.items()})

@@ -830,11 +830,11 @@ def _build(cls: type, data: Any, path: str) -> Any:
 def _check_known(cls: type, data: Mapping[str, Any], path: str, source: str = "") -> None:
     for key in data:
         if key not in _hints(cls):
-            raise _unknown_key(_join(path, key), source)
+            raise _unknown_key(_join(path, key), source, [_join(path, k) for k in _hints(cls)])
 
 
-def _unknown_key(dotted: str, source: str) -> ValueError:
-    close = difflib.get_close_matches(dotted, list(_all_keys(TrainConfig)), n=3, cutoff=0.6)
+def _unknown_key(dotted: str, source: str, known: Sequence[str]) -> ValueError:
+    close = difflib.get_close_matches(dotted, list(known), n=3, cutoff=0.6)
     suggestion = f"; did you mean {' or '.join(close)}?" if close else ""
     where = f" (in {source})" if source else ""
     return ValueError(f"unknown config key '{dotted}'{where}{suggestion}")
@@ -903,9 +903,9 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}") from None
 
 
-def _hint_at(dotted: str) -> Any:
+def _hint_at(dotted: str, root: type) -> Any:
     """The annotation at a dotted key (Any inside a free-form table); None when the key is not in the schema."""
-    cls: Any = TrainConfig
+    cls: Any = root
     for part in dotted.split("."):
         if not dataclasses.is_dataclass(cls):
             return Any if cls is dict or typing.get_origin(cls) is dict else None
@@ -947,15 +947,15 @@ def _lists_str(hint: Any) -> bool:
     return any(_lists_str(a) for a in typing.get_args(hint))
 
 
-def _override_layer(item: str) -> dict[str, Any]:
+def _override_layer(item: str, root: type) -> dict[str, Any]:
     """'a.b.c=value' -> {'a': {'b': {'c': value}}}."""
     key, sep, raw = item.removeprefix("--").partition("=")
     key = key.strip()
     if not sep or not key:
         raise ValueError(f"config override {item!r} is not of the form section.field=value")
-    hint = _hint_at(key)
+    hint = _hint_at(key, root)
     if hint is None:
-        raise _unknown_key(key, f"command-line override {item!r}")
+        raise _unknown_key(key, f"command-line override {item!r}", list(_all_keys(root)))
     layer: dict[str, Any] = {}
     node = layer
     *parents, last = key.split(".")
@@ -969,27 +969,29 @@ def load_config(
     paths: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     overrides: Sequence[str] = (),
     base: Mapping[str, Any] | None = None,
-) -> TrainConfig:
+    root: type = TrainConfig,
+) -> Any:
     """Defaults < ``base`` < each file of ``paths`` in order (TOML, or JSON as :func:`save_config` writes) <
     ``overrides`` ('section.field=value', the value a TOML literal or else a plain string). ``base`` is a
-    (partial) table such as :func:`to_dict` gives: finetune's sections inherited from the pretrained run."""
+    (partial) table such as :func:`to_dict` gives: finetune's sections inherited from the pretrained run.
+    ``root``: the schema (another tree of dataclasses, e.g. the scaling study's, follows the same rules)."""
     if paths is None:
         paths = []
     elif isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    merged = to_dict(TrainConfig())
+    merged = to_dict(root())
     if base is not None:
-        _check_layer(base, TrainConfig, "", "the base config")
+        _check_layer(base, root, "", "the base config")
         deep_merge(merged, base)
     for path in map(Path, paths):
         layer = _read_file(path)
-        _check_layer(layer, TrainConfig, "", str(path))
+        _check_layer(layer, root, "", str(path))
         deep_merge(merged, layer)
     for item in overrides:
-        layer = _override_layer(item)
-        _check_layer(layer, TrainConfig, "", f"command-line override {item!r}")
+        layer = _override_layer(item, root)
+        _check_layer(layer, root, "", f"command-line override {item!r}")
         deep_merge(merged, layer)
-    return from_dict(merged)
+    return _build(root, merged, "")
 
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
@@ -1039,8 +1041,9 @@ def _help_lines(cls: type, instance: Any, path: str) -> Iterator[str]:
         yield from textwrap.wrap(doc, 116, initial_indent=" " * 6, subsequent_indent=" " * 6, break_on_hyphens=False)
 
 
-def config_help() -> str:
-    """Every dotted config key with its type, default and docstring (the text of ``python -m pretrain --help``)."""
+def config_help(root: type = TrainConfig) -> str:
+    """Every dotted config key of schema ``root`` with its type, default and docstring (the text of ``python -m
+    pretrain --help-config``)."""
     lines = ["Config keys (set in a TOML file, or on the command line as section.field=value):"]
-    lines += _help_lines(TrainConfig, TrainConfig(), "")
+    lines += _help_lines(root, root(), "")
     return "\n".join(lines) + "\n"

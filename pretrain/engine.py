@@ -42,7 +42,7 @@ from torch import nn
 from tqdm import tqdm
 
 from shards.collate import Batch
-from shards.stream import SequenceStream
+from shards.stream import STATS, SequenceStream
 
 from . import checkpoint, validate
 from .config import OptimConfig, TrainConfig, deepspeed_config, save_config, to_dict
@@ -55,7 +55,8 @@ BEST_METRIC = "valid/ndcg@10"
 """The validation metric of run.keep_best and run.early_stop_patience (higher is better)."""
 COUNT_KEYS = ("sequences", "positions", "items")
 """Keys of ModelOutput.logs that are batch counts, not losses."""
-STREAM_STATS = ("bad_samples", "bad_images", "tar_errors", "topup_passes")
+STREAM_STATS = STATS
+"""The stream's counters, summed over ranks: ``data/*`` in TensorBoard and in the end-of-run summary."""
 
 
 # ---- distributed setup ----------------------------------------------------------------------------
@@ -209,18 +210,6 @@ new_recommender: ModelFactory = validate.new_model
 """The default :data:`ModelFactory`: a freshly initialised Recommender (pretraining)."""
 
 
-def catalog_folders(cfg: TrainConfig) -> list[str]:
-    """The catalog's domains: the training domains in stream order, then validation-only ones (the model's
-    domain index of a folder is its position here)."""
-    folders = list(cfg.data.domains)
-    known = {Path(f).resolve() for f in folders}
-    for folder in cfg.data.valid_domains or []:
-        if Path(folder).resolve() not in known:
-            known.add(Path(folder).resolve())
-            folders.append(folder)
-    return folders
-
-
 @dataclass
 class Best:
     """The best validation so far (run.keep_best, run.early_stop_patience)."""
@@ -317,7 +306,7 @@ def build(
     deepspeed = import_deepspeed()
     seed_everything(cfg.engine.seed)
     stream = SequenceStream(cfg.data.domains, cfg.data.stream)
-    folders = catalog_folders(cfg)
+    folders = validate.catalog_folders(cfg)
     catalog = Catalog.from_folders(folders)
     model = model_factory(cfg, catalog)
     if cfg.engine.precision == "bf16":
@@ -366,6 +355,7 @@ def train(
         _open_writer(run, resumed)
         try:
             last = loop(run)
+            _report_data(run, last)
             run.export(run.engine, cfg, run.catalog, run.out_dir / "model")
         finally:
             if run.writer is not None:
@@ -373,6 +363,15 @@ def train(
         return {**last, **summary(run)}
     finally:
         torch.distributed.barrier()
+
+
+def _report_data(run: Run, last: dict[str, float]) -> None:
+    """Rank 0, at the end: what the stream skipped since this process started (all ranks; the last log's sums)."""
+    counts = {k: int(last.get(f"data/{k}", 0)) for k in STREAM_STATS}
+    if run.dist.rank == 0:
+        level = logging.WARNING if any(counts.values()) else logging.INFO
+        log.log(level, "data skipped or repaired in this run (all ranks): %s",
+                ", ".join(f"{k} {v}" for k, v in counts.items()))  # fmt: skip
 
 
 def summary(run: Run) -> dict[str, float]:

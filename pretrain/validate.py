@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from shards.subset import catalog_id
+
 from .config import TrainConfig
 from .evaluate import EvalOptions, Tally, cat_embeddings, encode_catalog, evaluate_domain
 from .model import Catalog, Recommender
@@ -71,6 +73,19 @@ def refresh_interests(
         torch.distributed.broadcast(buffer, src=0)
 
 
+def catalog_folders(cfg: TrainConfig) -> list[str]:
+    """The catalog's domains: the training domains in stream order, then validation-only ones with a catalog not
+    already there (the model's domain index of a folder is the position of its catalog here; a user subset and
+    its parent share one: :func:`shards.subset.catalog_id`)."""
+    folders = list(cfg.data.domains)
+    known = {catalog_id(f) for f in folders}
+    for folder in cfg.data.valid_domains or []:
+        if catalog_id(folder) not in known:
+            known.add(catalog_id(folder))
+            folders.append(folder)
+    return folders
+
+
 def valid_folders(cfg: TrainConfig) -> list[str]:
     return list(cfg.data.domains if cfg.data.valid_domains is None else cfg.data.valid_domains)
 
@@ -83,13 +98,12 @@ def quick_validation(
     on every rank. ``catalog_folders``: the model's domains in catalog order; ``dist`` is not needed (the
     reductions use torch.distributed's default group) and kept for the engine's call; ``factory``: as
     :func:`evaluation_model`'s."""
-    position = {Path(f).resolve(): d for d, f in enumerate(catalog_folders)}
+    position = {catalog_id(f): d for d, f in enumerate(catalog_folders)}
     folders = valid_folders(cfg)
     opts = EvalOptions(splits=("valid",), users=cfg.run.eval_users, batch_size=cfg.data.stream.batch_size)
     with evaluation_model(engine, cfg, factory) as model:
         tallies = [
-            evaluate_domain(model, f, position[Path(f).resolve()], cfg.data.stream, opts).tallies["valid"]
-            for f in folders
+            evaluate_domain(model, f, position[catalog_id(f)], cfg.data.stream, opts).tallies["valid"] for f in folders
         ]
     metrics = _metrics("valid", sum(tallies[1:], tallies[0]))
     if len(folders) > 1:

@@ -20,6 +20,7 @@ _EPILOG = """examples:
   python -m shards build --format generic --input data/synth/books --out shards/books
   python -m shards inspect shards/books
   python -m shards verify shards/books
+  python -m shards subset shards/books --fraction 0.25 --seed 0 --out shards/books-25
   python -m shards stream shards/books shards/movies --batch-size 8 --batches 2
 """
 
@@ -116,6 +117,22 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     add_options(p, BenchOptions)
 
 
+def _add_subset(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "subset",
+        help="write a nested user subset of a built domain (same catalog; the scaling study's data sizes)",
+        description="Keep round(fraction x users) users, the first in the order of sha256(seed, domain, user id): "
+        "a smaller fraction's users are always inside a larger one's. The catalog (items shards, hard-linked) "
+        "stays whole; the manifest's user counts and training popularity are recomputed over the kept users.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("folder", help="a folder written by 'build'")
+    p.add_argument("--fraction", type=float, required=True, help="share of the users to keep, in (0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the user order (same seed: nested subsets)")
+    p.add_argument("--out", required=True, help="output folder (created atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "build":
         from .build import BuildOptions, build
@@ -156,6 +173,12 @@ def _run(args: argparse.Namespace) -> int:
         from .bench import main as bench
 
         bench(options_from(args, BenchOptions), args.input and Path(args.input), args.format, args.json)
+    elif args.command == "subset":
+        from .inspect import summary
+        from .subset import subset
+
+        subset(args.folder, args.out, args.fraction, args.seed, overwrite=args.overwrite)
+        print(summary(args.out))
     elif args.command == "inspect":
         from .inspect import summary
 
@@ -183,6 +206,7 @@ def parser() -> argparse.ArgumentParser:
     _add_synth(sub)
     _add_stream(sub)
     _add_bench(sub)
+    _add_subset(sub)
     for name, text in (
         ("inspect", "print a built domain's summary and one decoded sample"),
         ("verify", "check every shard against the manifest (sizes, checksums, samples)"),

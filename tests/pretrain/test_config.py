@@ -26,7 +26,8 @@ from shards.collate import default_text_model
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "launch" / "configs" / "tiny.toml"
 BASES = sorted((ROOT / "launch").glob("**/configs/*.toml"))
-FRAGMENTS = sorted(p for p in (ROOT / "launch").glob("**/*.toml") if p not in BASES)
+STUDIES = ROOT / "launch" / "studies"  # scaling-study files: another schema, tested in tests/finetune
+FRAGMENTS = sorted(p for p in (ROOT / "launch").glob("**/*.toml") if p not in BASES and STUDIES not in p.parents)
 
 
 def write(tmp_path: Path, text: str, name: str = "run.toml") -> Path:

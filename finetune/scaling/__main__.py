@@ -1,0 +1,80 @@
+"""``python -m finetune.scaling --config STUDY.toml [scaling.field=value ...] [--dry-run | --report]``"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+DESCRIPTION = """\
+The scaling study (TransRec's question: does more source data give a larger gain on a new domain?). For each
+source fraction (nested user subsets of every source domain; 0 = no pretraining) the model is pretrained once
+(python -m pretrain), then finetuned (python -m finetune, scaling.mode) on each target fraction (nested user
+subsets of the target, drawn per seed) and tested by full ranking on the whole target test split. The ID
+baseline (SASRec) is trained on each target fraction too. Each run is its own process (scaling.launcher: python
+-m, the deepspeed launcher or torchrun; launch/scaling.sh).
+
+Resumable: results.csv gets a row as each cell finishes; a re-run skips finished cells, retries failed ones (from
+their last checkpoint when they have one) and refuses changed settings (the grid may grow).
+
+Writes into scaling.out_dir: results.csv, scaling.png (log x axis, mean and min-max over seeds), scaling.md,
+tb/ (tensorboard --logdir OUT/tb: hparams of every cell; custom scalars of NDCG@10 and HR@10 against source
+size, one line per target fraction), and every subset, run and log."""
+
+EXAMPLES = """\
+examples:
+  python -m finetune.scaling --config launch/studies/demo.toml
+  python -m finetune.scaling --config launch/studies/real.toml scaling.seeds=[0,1] --dry-run
+  bash launch/scaling.sh --config launch/studies/real.toml     # every run under the deepspeed launcher
+Every key of the [scaling] table: python -m finetune.scaling --help-config"""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m finetune.scaling", description=DESCRIPTION, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="TOML file with a [scaling] table; repeat to layer files, later ones win")  # fmt: skip
+    p.add_argument("overrides", nargs="*", metavar="scaling.field=value", help="overrides, applied last")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and which are finished, run nothing")
+    p.add_argument("--report", action="store_true", help="only redraw the figure, table and TensorBoard runs")
+    p.add_argument("--help-config", action="store_true", help="describe every key of [scaling] and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from pretrain.config import config_help
+
+    from .config import StudyConfig, load_study
+
+    if args.help_config:
+        print(config_help(StudyConfig), end="")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")  # fmt: skip
+    try:
+        from . import report, results
+        from .runner import Study
+
+        study = Study(load_study(args.config, args.overrides), progress=not args.no_progress)
+        if args.dry_run:
+            pending = set(study.pending())
+            for cell in study.cells:
+                print(f"{'todo' if cell in pending else 'done'}  {cell.name}")
+            return 0
+        failed = 0 if args.report else study.run()
+        rows = results.read(study.layout.results)
+        if rows:
+            for path in report.write_reports(rows, study.layout.root):
+                print(f"wrote {path}")
+            print(report.markdown(rows))
+    except ValueError as e:  # bad config or input (InputError is one): the message, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The study's curves, from results.csv alone (rewritten whole each time, so they always match the file).
+
+- ``tb/cells/<cell>/``: one TensorBoard run per cell with its hyperparameters and test metrics (hparams plugin).
+- ``tb/curves/``: ``<metric>/target_<g>`` = the mean over seeds against the source interactions as the step, one
+  line per target fraction, ``<metric>/id_target_<g>`` the ID baseline's level, a custom-scalars layout that
+  draws them together, and the figure.
+- ``scaling.png``: the same curves with a log x axis (TensorBoard cannot draw one), mean and min-max over seeds.
+- ``scaling.md``: the numbers as Markdown tables.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .grid import fraction_name
+from .results import number
+
+CURVE_METRICS = ("ndcg@10", "hr@10")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One metric of one (source fraction, target fraction) over its seeds."""
+
+    source_fraction: float
+    source_interactions: int
+    values: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def spread(self) -> tuple[float, float]:
+        return min(self.values), max(self.values)
+
+    def text(self) -> str:
+        if len(self.values) == 1:
+            return f"{self.mean:.4f}"
+        return f"{self.mean:.4f} ± {statistics.stdev(self.values):.4f}"
+
+
+def curves(rows: list[dict[str, str]], metric: str) -> dict[float, list[Point]]:
+    """Content cells: target fraction -> points sorted by source fraction."""
+    groups: dict[tuple[float, float], list[dict[str, str]]] = defaultdict(list)
+    for row in rows:
+        if row["kind"] == "content" and number(row[metric]) is not None:
+            groups[float(row["target_fraction"]), float(row["source_fraction"])].append(row)
+    out: dict[float, list[Point]] = defaultdict(list)
+    for (target, source), group in sorted(groups.items()):
+        values = tuple(float(r[metric]) for r in group)
+        out[target].append(Point(source, int(group[0]["source_interactions"]), values))
+    return dict(out)
+
+
+def baseline(rows: list[dict[str, str]], metric: str, kind: str = "id") -> dict[float, Point]:
+    """Target fraction -> the ID baseline's point (``kind='pop'``: the popularity ranker's, from every row)."""
+    groups: dict[float, list[float]] = defaultdict(list)
+    for row in rows:
+        column = metric if kind == "id" else f"pop_{metric}"
+        if (kind == "pop" or row["kind"] == "id") and number(row[column]) is not None:
+            groups[float(row["target_fraction"])].append(float(row[column]))
+    if kind == "pop":  # every cell of a target fraction ranks by the same popularity: one value, not n copies
+        groups = {t: sorted(set(v)) for t, v in groups.items()}
+    return {t: Point(0.0, 0, tuple(v)) for t, v in sorted(groups.items())}
+
+
+# ---- TensorBoard --------------------------------------------------------------------------------------
+
+
+def _hparams(row: dict[str, str]) -> tuple[dict[str, Any], dict[str, float]]:
+    hp: dict[str, Any] = {"kind": row["kind"], "mode": row["mode"], "seed": int(row["seed"]),
+                          "target_fraction": float(row["target_fraction"]),
+                          "target_users": int(row["target_users"]),
+                          "source_fraction": float(row["source_fraction"] or 0.0),
+                          "source_interactions": int(row["source_interactions"]),
+                          "trainable_params": int(row["trainable_params"])}  # fmt: skip
+    metrics = {f"test/{m}": float(row[m]) for m in ("ndcg@10", "hr@10", "mrr@10") if number(row[m]) is not None}
+    metrics["wall_s"] = float(row["wall_s"])
+    return hp, metrics
+
+
+def write_tensorboard(rows: list[dict[str, str]], folder: Path, figure: Any | None = None) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    shutil.rmtree(folder, ignore_errors=True)
+    for row in rows:
+        with SummaryWriter(str(folder / "cells" / row["cell"])) as writer:
+            writer.add_hparams(*_hparams(row), run_name=".")
+    with SummaryWriter(str(folder / "curves")) as writer:
+        layout = {}
+        for metric in CURVE_METRICS:
+            ids = baseline(rows, metric)
+            for target, points in curves(rows, metric).items():
+                name = fraction_name(target)
+                for p in points:
+                    writer.add_scalar(f"{metric}/target_{name}", p.mean, p.source_interactions)
+                    if target in ids:
+                        writer.add_scalar(f"{metric}/id_target_{name}", ids[target].mean, p.source_interactions)
+            title = f"test {metric.upper()} vs source interactions (one line per target fraction; id_: SASRec)"
+            layout[title] = ["Multiline", [rf"^{metric}/"]]
+        writer.add_custom_scalars({"scaling": layout})
+        if figure is not None:
+            writer.add_figure("scaling", figure, close=False)
+
+
+# ---- figure and table -----------------------------------------------------------------------------------
+
+
+def figure(rows: list[dict[str, str]]) -> Any:
+    """Matplotlib figure: one panel per metric, x = source interactions (log; 0 drawn left of the rest)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(6 * len(CURVE_METRICS), 4.2), squeeze=False)
+    positive = [int(r["source_interactions"]) for r in rows if r["kind"] == "content" and r["source_interactions"]]
+    positive = [x for x in positive if x > 0]
+    zero_x = min(positive) / 4 if positive else 1.0
+    for ax, metric in zip(axes[0], CURVE_METRICS):
+        ids = baseline(rows, metric)
+        for i, (target, points) in enumerate(curves(rows, metric).items()):
+            color = f"C{i}"
+            xs = [p.source_interactions or zero_x for p in points]
+            label = f"target {fraction_name(target)}"
+            ax.plot(xs, [p.mean for p in points], "o-", color=color, label=label)
+            ax.fill_between(xs, [p.spread[0] for p in points], [p.spread[1] for p in points], color=color, alpha=0.2)
+            if target in ids:
+                ax.axhline(ids[target].mean, color=color, linestyle="--", linewidth=1, label=f"{label}: ID (SASRec)")
+        pop = [v for p in baseline(rows, metric, "pop").values() for v in p.values]
+        if pop:
+            ax.axhline(statistics.fmean(pop), color="gray", linestyle=":", linewidth=1, label="popularity")
+        ax.set_xscale("log")
+        ticks = sorted({p.source_interactions or zero_x for ps in curves(rows, metric).values() for p in ps})
+        ax.set_xticks(ticks, [("0" if x == zero_x else f"{int(x):,}") for x in ticks], rotation=30)
+        ax.minorticks_off()
+        ax.set_xlabel("source interactions seen by pretraining (log; 0 = no pretraining)")
+        ax.set_ylabel(f"test {metric.upper()} (full ranking)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("momrec scaling study: mean over seeds, band = min..max")
+    fig.tight_layout()
+    return fig
+
+
+def markdown(rows: list[dict[str, str]]) -> str:
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [f"# Scaling study ({len(rows)} cells, seeds {', '.join(seeds)})", "",
+             "Full-ranking test metrics on the whole target test split; mean ± standard deviation over seeds.",
+             ""]  # fmt: skip
+    for metric in CURVE_METRICS:
+        table = curves(rows, metric)
+        if not table:
+            continue
+        ids, pop = baseline(rows, metric), baseline(rows, metric, "pop")
+        sources = sorted({(p.source_fraction, p.source_interactions) for ps in table.values() for p in ps})
+        users = {float(r["target_fraction"]): r["target_users"] for r in rows}
+        head = [f"source {fraction_name(f)} ({n:,} int.)" for f, n in sources]
+        header = ["target (users)", *head, "ID (SASRec)", "popularity"]
+        lines += [f"## test {metric.upper()}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        for target, points in table.items():
+            by_source = {p.source_fraction: p.text() for p in points}
+            cells = [by_source.get(f, "") for f, _ in sources]
+            extra = [ids[target].text() if target in ids else "", pop[target].text() if target in pop else ""]
+            lines.append(f"| {fraction_name(target)} ({users[target]}) | " + " | ".join(cells + extra) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_reports(rows: list[dict[str, str]], root: Path) -> list[Path]:
+    """scaling.png, scaling.md and tb/ in ``root``; returns the paths written."""
+    fig = figure(rows)
+    png = root / "scaling.png"
+    fig.savefig(png, dpi=120)
+    md = root / "scaling.md"
+    md.write_text(markdown(rows), encoding="utf-8")
+    write_tensorboard(rows, root / "tb", fig)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return [png, md, root / "tb"]

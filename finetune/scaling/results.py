@@ -1,0 +1,105 @@
+"""``results.csv``: one row per finished cell, appended as each cell ends (a crash loses no finished cell)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .grid import Cell, fraction_name
+
+METRICS = ("ndcg@10", "hr@10", "mrr@10", "ndcg@20", "hr@20", "ndcg@50", "hr@50")
+"""Full-ranking test metrics of the whole target test split, from the run's ``test/full/<metric>``."""
+COLUMNS = (
+    "cell", "kind", "source_fraction", "target_fraction", "seed", "mode",
+    "source_users", "source_interactions", "target_users", "target_interactions",
+    *METRICS, "pop_ndcg@10", "pop_hr@10",
+    "trainable_params", "total_params", "steps", "best_step",
+    "pretrain_s", "train_s", "wall_s", "peak_rss_gb", "cuda_max_allocated_gb", "device", "finished",
+)  # fmt: skip
+
+
+def read(path: Path) -> list[dict[str, str]]:
+    """The rows of ``path`` (none when it does not exist); a header that is not ours is an error."""
+    if not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != COLUMNS:
+            raise ValueError(f"{path}: the header is not the one this version writes ({COLUMNS}); move the file away")
+        return list(reader)
+
+
+def key(row: dict[str, str]) -> tuple[str, str, str, str]:
+    return row["kind"], row["source_fraction"], row["target_fraction"], row["seed"]
+
+
+def append(path: Path, row: dict[str, Any]) -> None:
+    """Add one row (the header first when the file is new); one write call of a whole line, flushed and synced."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    new = not path.is_file() or path.stat().st_size == 0
+    if new:
+        writer.writeheader()
+    writer.writerow({c: _text(row.get(c)) for c in COLUMNS})
+    with path.open("a", encoding="utf-8", newline="") as f:
+        f.write(buffer.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def row(
+    cell: Cell,
+    mode: str,
+    summary: dict[str, Any],
+    source: tuple[int, int],
+    target: tuple[int, int],
+    pretrain_s: float | None,
+    wall_s: float,
+    device: str,
+) -> dict[str, Any]:
+    """The CSV row of a finished cell from its finetune ``summary`` (summary.json)."""
+    test = summary["test"] or {}
+    best = summary.get("best") or {}
+    return {
+        "cell": cell.name,
+        "kind": cell.kind,
+        "source_fraction": "" if cell.source_fraction is None else fraction_name(cell.source_fraction),
+        "target_fraction": fraction_name(cell.target_fraction),
+        "seed": cell.seed,
+        "mode": mode,
+        "source_users": source[0],
+        "source_interactions": source[1],
+        "target_users": target[0],
+        "target_interactions": target[1],
+        **{m: test.get(f"test/full/{m}") for m in METRICS},
+        "pop_ndcg@10": test.get("test/full/pop/ndcg@10"),
+        "pop_hr@10": test.get("test/full/pop/hr@10"),
+        "trainable_params": summary["params"]["all"]["trainable"],
+        "total_params": summary["params"]["all"]["total"],
+        "steps": summary["steps"],
+        "best_step": best.get("step"),
+        "pretrain_s": pretrain_s,
+        "train_s": summary["time"]["train_s"],
+        "wall_s": wall_s,
+        "peak_rss_gb": summary["memory"]["peak_rss_gb"],
+        "cuda_max_allocated_gb": summary["memory"]["cuda_max_allocated_gb"],
+        "device": device,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def number(value: str) -> float | None:
+    """A CSV cell as a float (None for an empty one)."""
+    return float(value) if value != "" else None

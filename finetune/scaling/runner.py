@@ -1,0 +1,196 @@
+"""Running the grid: each source fraction pretrained once, each cell finetuned and tested, each in its own process.
+
+Every run is a separate ``python -m pretrain`` / ``python -m finetune`` process (or one under
+``scaling.launcher``: the deepspeed launcher, torchrun): a run that crashes, or leaves DeepSpeed's process group
+in a bad state, takes no other cell with it. A cell is finished when its row is in results.csv; a pretraining
+when its ``DONE.json`` is written. A run that fails is tried again (``scaling.retries``), from its last checkpoint
+when it has one; a re-run of the study skips what finished and tries the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from shards.progress import bar
+
+from . import results
+from .config import ScalingConfig
+from .grid import Cell, Layout, grid, sizes
+
+log = logging.getLogger(__name__)
+
+RunModule = Callable[[str, Sequence[str], Path], int]
+"""Runs ``module`` with ``args``, its output appended to the log file; returns the exit code."""
+DONE = "DONE.json"
+STUDY = "study.json"
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    return f"cpu ({os.cpu_count()} cores, {platform.machine()})"
+
+
+class Study:
+    """One study folder: :meth:`run` runs what is missing and returns the number of cells that failed."""
+
+    def __init__(self, cfg: ScalingConfig, run_module: RunModule | None = None, progress: bool = True) -> None:
+        cfg.check_ready()
+        self.cfg, self.layout, self.progress = cfg, Layout(cfg), progress
+        self.run_module = run_module or self._subprocess
+        self.device = device_name()
+        self.cells = grid(cfg)
+        self.failed_pretraining: set[float] = set()
+
+    # ---- processes ------------------------------------------------------------------------------------
+
+    def _subprocess(self, module: str, args: Sequence[str], log_file: Path) -> int:
+        command = [*(self.cfg.launcher or [sys.executable, "-m"]), module, *args]
+        with log_file.open("a", encoding="utf-8") as out:
+            out.write(f"\n$ {' '.join(command)}\n")
+            out.flush()
+            return subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ,
+                                  "PYTHONUNBUFFERED": "1"}, check=False).returncode  # fmt: skip
+
+    def _attempts(self, name: str, module: str, args: list[str], out_dir: Path) -> bool:
+        """Run until it succeeds, at most 1 + retries times; resume when a checkpoint was written."""
+        log_file = self.layout.log(name)
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1 + self.cfg.retries):
+            resume = (out_dir / "checkpoints" / "latest").is_file()
+            if not resume and out_dir.exists():
+                shutil.rmtree(out_dir)  # died before its first checkpoint: start over
+            rc = self.run_module(module, [*args, *(["--resume"] if resume else [])], log_file)
+            if rc == 0:
+                return True
+            tail = _tail(log_file)
+            log.warning("%s: attempt %d of %d failed (exit %d); log %s:\n%s", name, attempt + 1, 1 + self.cfg.retries,
+                        rc, log_file, tail)  # fmt: skip
+        return False
+
+    # ---- pretraining ----------------------------------------------------------------------------------
+
+    def pretrained(self, fraction: float) -> Path | None:
+        """The export pretrained on ``fraction`` of the sources (pretrained now if needed); None if that failed."""
+        folder = self.layout.pretrain_dir(fraction)
+        done = folder / DONE
+        if done.is_file():
+            return folder / "model"
+        if fraction in self.failed_pretraining:
+            return None
+        domains = self.layout.sources(fraction)
+        seed = self.cfg.pretrain_seed
+        args = [*_configs(self.cfg.pretrain_config), *self.cfg.pretrain_overrides,
+                f"data.domains={json.dumps(domains)}", f"run.out_dir={folder}", f"engine.seed={seed}",
+                f"data.stream.seed={seed}"]  # fmt: skip
+        log.info("pretraining on %s of the sources (%d users, %d interactions)", fraction, *sizes(domains))
+        start = time.monotonic()
+        if not self._attempts(folder.name, "pretrain", args, folder):
+            self.failed_pretraining.add(fraction)
+            return None
+        info = {"wall_s": time.monotonic() - start, "domains": domains, "users_interactions": sizes(domains)}
+        done.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+        return folder / "model"
+
+    def pretrain_seconds(self, fraction: float | None) -> float | None:
+        if not fraction:
+            return None
+        return float(json.loads((self.layout.pretrain_dir(fraction) / DONE).read_text(encoding="utf-8"))["wall_s"])
+
+    # ---- cells --------------------------------------------------------------------------------------
+
+    def _cell_args(self, cell: Cell, target: str) -> list[str] | None:
+        """The finetune command line of ``cell`` (None when its pretraining failed)."""
+        c = self.cfg
+        common = [f"run.out_dir={self.layout.cell_dir(cell)}", f"data.valid_domains={json.dumps([c.target])}",
+                  f"engine.seed={cell.seed}", f"data.stream.seed={cell.seed}"]  # fmt: skip
+        if cell.kind == "id":
+            return ["--from", "none", "--data", target, "--mode", "full", *_configs(c.baseline_config),
+                    *c.baseline_overrides, *common]  # fmt: skip
+        if not cell.source_fraction:
+            architecture = [o for o in c.pretrain_overrides if o.startswith("model.")]
+            return ["--from", "none", "--data", target, "--mode", c.control_mode, *_configs(c.pretrain_config),
+                    *_configs(c.finetune_config), *architecture, *c.finetune_overrides, *common]  # fmt: skip
+        model = self.pretrained(cell.source_fraction)
+        if model is None:
+            return None
+        return ["--from", str(model), "--data", target, "--mode", c.mode, *_configs(c.finetune_config),
+                *c.finetune_overrides, *common]  # fmt: skip
+
+    def run_cell(self, cell: Cell) -> dict[str, Any] | None:
+        """Finetune and test ``cell``; its results.csv row, or None when it failed."""
+        target = self.layout.target(cell.target_fraction, cell.seed)
+        args = self._cell_args(cell, target)
+        if args is None:
+            log.warning("%s: skipped, its pretraining failed", cell.name)
+            return None
+        out_dir = self.layout.cell_dir(cell)
+        summary_file = out_dir / "summary.json"
+        start = time.monotonic()
+        if not summary_file.is_file() and not self._attempts(cell.name, "finetune", args, out_dir):
+            return None
+        summary = json.loads(summary_file.read_text(encoding="utf-8"))
+        source = sizes(self.layout.sources(cell.source_fraction)) if cell.source_fraction else (0, 0)
+        mode = summary["mode"]
+        return results.row(cell, mode, summary, source, sizes([target]), self.pretrain_seconds(cell.source_fraction),
+                           time.monotonic() - start, self.device)  # fmt: skip
+
+    # ---- the study ------------------------------------------------------------------------------------
+
+    def _check_settings(self) -> None:
+        """A study folder holds one set of settings: refuse a re-run that changes what its cells computed."""
+        path = self.layout.root / STUDY
+        settings = self.cfg.settings()
+        if path.is_file():
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            changed = sorted(k for k in settings if saved.get(k) != settings[k])
+            if changed:
+                raise ValueError(f"{path}: this study was run with other settings ({', '.join(changed)} differ); "
+                                 "use a new scaling.out_dir, or restore the settings")  # fmt: skip
+            return
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
+
+    def pending(self) -> list[Cell]:
+        finished = {results.key(r) for r in results.read(self.layout.results)}
+        return [cell for cell in self.cells if cell.key not in finished]
+
+    def run(self) -> int:
+        self._check_settings()
+        todo = self.pending()
+        n = len(self.cells)
+        log.info("%d cells, %d finished, %d to run (out_dir %s)", n, n - len(todo), len(todo),
+                 self.layout.root)  # fmt: skip
+        failed = []
+        for cell in bar(todo, enabled=self.progress, desc="scaling cells", unit="cell"):
+            log.info("cell %s", cell.name)
+            row = self.run_cell(cell)
+            if row is None:
+                failed.append(cell.name)
+                continue
+            results.append(self.layout.results, row)
+            log.info("cell %s: test ndcg@10 %s hr@10 %s", cell.name, row["ndcg@10"], row["hr@10"])
+        if failed:
+            log.error("%d cells failed (%s); run the study again to retry them", len(failed), ", ".join(failed))
+        return len(failed)
+
+
+def _configs(files: Sequence[str]) -> list[str]:
+    return [arg for f in files for arg in ("--config", f)]
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return "\n".join("    " + line for line in text[-lines:])
