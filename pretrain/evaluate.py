@@ -60,7 +60,7 @@ from shards import schema
 from shards.collate import ItemTable, Split, collate_items, split_example, warn_once
 from shards.errors import InputError
 from shards.inspect import read_shard
-from shards.stream import StreamConfig
+from shards.stream import StreamConfig, TarErrors
 
 from .checkpoint import EXPORT_CONFIG, EXPORT_WEIGHTS, load_pretrained
 from .config import TrainConfig
@@ -254,7 +254,8 @@ def held_out_users(
 ) -> Iterator[HeldOut]:
     """The users of ``folder``'s split, every ``world``-th from the ``rank``-th: all of them in shard order, or,
     with ``users`` > 0, the first ``users`` in a seeded order of the shards. Samples that break the schema are
-    skipped (counted in ``counts['bad_samples']``, logged once)."""
+    skipped (counted in ``counts['bad_samples']``, logged once), and so is unreadable tar content (a truncated
+    shard: ``counts['tar_errors']``)."""
     counts = Counter() if counts is None else counts
     shards = list(schema.load_manifest(folder).seq_shards)
     if users:
@@ -264,7 +265,7 @@ def held_out_users(
         path = Path(folder) / info.name
         if not path.is_file():
             raise InputError(f"{path}: listed in the manifest but missing")
-        for raw in read_shard(path):
+        for raw in read_shard(path, TarErrors([str(path)], counts)):
             try:
                 seq = schema.decode_seq(raw)
             except schema.SampleError as e:

@@ -60,15 +60,17 @@ class Example:
     """One per history position, or None when the source has no time."""
     target: int | None
     """Position into ``items`` of the item to predict (valid/test), None for train."""
+    source: str = ""
+    """Where the sample came from (``shard: sample 'key'``), named in warnings about its content."""
 
 
-def split_example(domain: int, seq: schema.Sequence, split: Split, max_seq_len: int) -> Example:
+def split_example(domain: int, seq: schema.Sequence, split: Split, max_seq_len: int, source: str = "") -> Example:
     """Leave-one-out: train seq[:-2]; valid seq[:-2] -> seq[-2]; test seq[:-1] -> seq[-1]."""
     end = len(seq.seq) - (1 if split == "test" else 2)
     start = max(0, end - max_seq_len)
     target = None if split == "train" else seq.seq[end]
     stamps = None if seq.timestamps is None else seq.timestamps[start:end]
-    return Example(domain, seq.index, seq.items, seq.seq[start:end], stamps, target)
+    return Example(domain, seq.index, seq.items, seq.seq[start:end], stamps, target, source)
 
 
 # ---- collation ------------------------------------------------------------------------------------
@@ -211,6 +213,8 @@ class Collator:
         self.counts = Counter() if counts is None else counts
         self.flip_key = flip_key
         self.batch_number = first_batch
+        self.sources: dict[tuple[int, int], str] = {}
+        """(domain, item index) -> the source of the first example of the batch holding it (for warnings)."""
 
     def __call__(self, examples: Sequence[Example]) -> Batch:
         flip_rng = None
@@ -220,6 +224,7 @@ class Collator:
         rows: dict[tuple[int, int], int] = {}
         table: list[tuple[int, schema.Item]] = []
         histories = [[_row(rows, table, ex.domain, ex.items[p]) for p in ex.history] for ex in examples]
+        self.sources = {(ex.domain, it.index): ex.source for ex in reversed(examples) for it in ex.items}
         targets = [_row(rows, table, ex.domain, ex.items[ex.target]) for ex in examples if ex.target is not None]
         seq_BL, seq_mask_BL, timestamps_BL = _pad_histories(examples, histories)
         batch = Batch(
@@ -274,9 +279,9 @@ class Collator:
                 decoded.append(decode_image(item.image, self.cfg.image_size))
             except ImageDecodeError as e:
                 self.counts["bad_images"] += 1
-                warn_once(
-                    log, ("image", domain, item.index), "domain %d item %d: image dropped: %s", domain, item.index, e
-                )
+                where = self.sources.get((domain, item.index)) or "?"
+                warn_once(log, ("image", domain, item.index), "domain %d item %d (%s): image dropped, the item kept "
+                          "without it: %s", domain, item.index, where, e)  # fmt: skip
                 continue
             image_row_U[u] = len(decoded) - 1
         cfg = self.cfg

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +14,10 @@ from . import schema
 from .build import sha256_file
 
 
-def read_shard(path: Path) -> Iterator[dict[str, Any]]:
-    """Raw samples of one tar (field -> bytes; no decoder runs, so nothing is unpickled)."""
-    return iter(wds.DataPipeline(wds.SimpleShardList([str(path)]), wds.tarfile_to_samples()))
+def read_shard(path: Path, handler: Callable[[Exception], bool] = wds.reraise_exception) -> Iterator[dict[str, Any]]:
+    """Raw samples of one tar (field -> bytes; no decoder runs, so nothing is unpickled). Unreadable content raises,
+    or goes to ``handler`` (True: skip it and go on, e.g. :class:`shards.stream.TarErrors`)."""
+    return iter(wds.DataPipeline(wds.SimpleShardList([str(path)]), wds.tarfile_to_samples(handler=handler)))
 
 
 def _image_desc(data: bytes | None) -> str:

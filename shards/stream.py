@@ -15,12 +15,14 @@ re-exported here.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
 import logging
 import os
 import random
+import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -58,12 +60,18 @@ __all__ = [
     "ShardSlice",
     "Split",
     "StreamConfig",
+    "TarErrors",
     "load_tokenizer",
     "make_plan",
     "split_example",
 ]
 
 log = logging.getLogger(__name__)
+
+STATS = ("bad_samples", "bad_images", "empty_texts", "tar_errors", "topup_passes")
+"""The counters of :attr:`SequenceStream.stats`: samples skipped as breaking the schema, images dropped as
+undecodable, item texts taken as none for being empty, unreadable tar content (a truncated shard counts once per
+level that meets it), and extra passes over a worker's samples to make up for the bad ones."""
 
 
 @dataclass
@@ -127,7 +135,7 @@ class StreamConfig:
 # ---- the per-worker pipeline ----------------------------------------------------------------------
 
 
-class _TarErrors:
+class TarErrors:
     """wds handler: count and log unreadable tar content, then go on with the next member or shard.
 
     One truncated shard reaches the handler twice (member, then shard level): ``tar_errors`` counts calls.
@@ -141,6 +149,9 @@ class _TarErrors:
         shard = next((url for url in self.urls if url in str(exn)), "?")
         warn_once(log, ("tar", shard, type(exn)), "%s: skipping unreadable tar content: %r", shard, exn)
         return True
+
+
+_TarErrors = TarErrors  # its former name
 
 
 class _SampleRange:
@@ -161,7 +172,7 @@ class _SampleRange:
         return self.start <= self.index <= self.stop
 
 
-def _read_slice(piece: ShardSlice, handler: _TarErrors) -> Iterator[dict[str, Any]]:
+def _read_slice(piece: ShardSlice, handler: TarErrors) -> Iterator[dict[str, Any]]:
     """The raw samples of ``piece`` (fewer if the shard is short or unreadable)."""
     selected = _SampleRange(piece.start, piece.stop)
     samples = wds.tarfile_samples([{"url": piece.url}], handler=handler, select_files=selected)
@@ -177,7 +188,7 @@ def _read_slice(piece: ShardSlice, handler: _TarErrors) -> Iterator[dict[str, An
 class _RawSamples:
     """Pipeline source: the raw samples of a list of sample ranges, in order."""
 
-    def __init__(self, pieces: Sequence[ShardSlice], handler: _TarErrors) -> None:
+    def __init__(self, pieces: Sequence[ShardSlice], handler: TarErrors) -> None:
         self.pieces, self.handler = pieces, handler
 
     def __call__(self) -> Iterator[dict[str, Any]]:
@@ -186,26 +197,36 @@ class _RawSamples:
 
 
 class _Decode:
-    """Raw sample -> (domain, schema.Sequence); None (dropped by wds.map) for a sample that breaks the schema."""
+    """Raw sample -> (domain, schema.Sequence, source); None (dropped by wds.map) for a sample that breaks the
+    schema (``bad_samples``). An item text that is empty or blank is taken as no text (``empty_texts``)."""
 
     def __init__(self, domain_of_url: dict[str, int], counts: Counter) -> None:
         self.domain_of_url, self.counts = domain_of_url, counts
 
-    def __call__(self, raw: dict[str, Any]) -> tuple[int, schema.Sequence] | None:
+    def __call__(self, raw: dict[str, Any]) -> tuple[int, schema.Sequence, str] | None:
         try:
-            return self.domain_of_url[raw["__url__"]], schema.decode_seq(raw)
+            seq = schema.decode_seq(raw)
         except schema.SampleError as e:
             self.counts["bad_samples"] += 1
             warn_once(log, ("sample", e.shard, e.key), "skipping bad sample: %s", e)
             return None
+        source = f"{raw['__url__']}: sample {raw['__key__']!r}"
+        blank = [p for p, it in enumerate(seq.items) if it.text is not None and not it.text.strip()]
+        if blank:
+            self.counts["empty_texts"] += len(blank)
+            warn_once(log, ("empty-text", source), "%s: items%s have an empty text, taken as no text", source, blank)
+            items = tuple(dataclasses.replace(it, text=None) if p in blank else it for p, it in enumerate(seq.items))
+            seq = dataclasses.replace(seq, items=items)
+        return self.domain_of_url[raw["__url__"]], seq, source
 
 
 class _SplitSample:
     def __init__(self, split: Split, max_seq_len: int) -> None:
         self.split, self.max_seq_len = split, max_seq_len
 
-    def __call__(self, sample: tuple[int, schema.Sequence]) -> Example:
-        return split_example(sample[0], sample[1], self.split, self.max_seq_len)
+    def __call__(self, sample: tuple[int, schema.Sequence, str]) -> Example:
+        domain, seq, source = sample
+        return split_example(domain, seq, self.split, self.max_seq_len, source)
 
 
 class _Slice:
@@ -231,7 +252,7 @@ class _Passes:
     ) -> None:
         self.own, self.everything, self.key, self.cfg, self.counts = own, everything, key, cfg, counts
 
-    def __call__(self) -> Iterator[tuple[int, schema.Sequence]]:
+    def __call__(self) -> Iterator[tuple[int, schema.Sequence, str]]:
         draw_rng = random.Random(f"momrec-resample:{self.key}")
         for n in itertools.count():
             if self.cfg.resampled:
@@ -252,7 +273,7 @@ class _Passes:
         bufsize = self.cfg.shuffle_buffer
         return wds.DataPipeline(
             # sliced before the shuffle: the buffer only ever holds this slot's samples
-            _RawSamples(pieces, _TarErrors(sorted({p.url for p in pieces}), self.counts)),
+            _RawSamples(pieces, TarErrors(sorted({p.url for p in pieces}), self.counts)),
             wds.shuffle(bufsize, bufsize, rng=random.Random(f"momrec-shuffle:{self.key}:{n}")) if bufsize else None,
             wds.map(_Decode({s.url: s.domain for s in self.everything}, self.counts)),
         )
@@ -347,7 +368,7 @@ class SequenceStream:
         self.batches_done = 0
         """Batches of the current epoch handed to the caller."""
         self.stats: Counter = Counter()
-        """Bad samples, bad images, tar errors and top-up passes met by this rank's workers so far."""
+        """Events met by this rank's workers so far (:data:`STATS`)."""
         self._plan: EpochPlan | None = None
 
     @property
@@ -435,4 +456,19 @@ def _shard_refs(folders: Sequence[Path], manifests: Sequence[schema.Manifest]) -
             path = folder / info.name
             if not path.is_file():
                 raise ValueError(f"{path}: listed in the manifest but missing")
+            check_opens(path)
             yield ShardRef(domain, str(path), info.samples)
+
+
+def check_opens(path: Path) -> None:
+    """Raise a ValueError naming ``path`` unless it opens and begins with a valid tar header (one 512-byte read):
+    a shard that cannot be read at all stops the run at once, on every rank alike, where skipping it would
+    silently drop its whole share of the data. Damage further in is met, counted and skipped while streaming."""
+    try:
+        with open(path, "rb") as f:
+            block = f.read(tarfile.BLOCKSIZE)
+        tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot open the shard: {e.strerror or e}") from None
+    except tarfile.TarError as e:
+        raise ValueError(f"{path}: not a tar file, cannot read the shard ({e or type(e).__name__})") from None
