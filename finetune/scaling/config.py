@@ -26,6 +26,8 @@ SETTINGS = (
     "baseline_config",
     "baseline_overrides",
     "pretrain_seed",
+    "pretrain_epochs",
+    "ranks",
 )
 """The fields that define what a cell computes; a study folder refuses a re-run that changes them (the grid's
 fractions and seeds may grow: the new cells run, the finished ones are kept)."""
@@ -49,6 +51,12 @@ class ScalingConfig(_Section):
     always use all target users)."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """One cell per seed: it draws the target subset and seeds finetuning (engine.seed, data.stream.seed)."""
+    pretrain_epochs: float = 0.0
+    """0: every source fraction pretrains for optim.max_steps of pretrain_config (the same compute for every data
+    size); > 0: for this many passes over its users, optim.max_steps = ceil(pretrain_epochs x source users /
+    (batch_size x grad_accum x ranks)), so compute grows with the data (TransRec's regime: train to the data)."""
+    ranks: int = 1
+    """Processes of each run under scaling.launcher (only for the step arithmetic of pretrain_epochs)."""
     pretrain_seed: int = 0
     """Seed of the source subsets and of pretraining (each source fraction is pretrained once, for all seeds)."""
     mode: FinetuneMode = "lora"
@@ -89,6 +97,8 @@ class ScalingConfig(_Section):
             _check(inside, f"scaling.{name}", f"must lie in {'[0, 1]' if low_ok else '(0, 1]'}, got {values}")
         _check(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds), "scaling.seeds",
                f"must be distinct, at least one: {self.seeds}")  # fmt: skip
+        _check(self.pretrain_epochs >= 0, "scaling.pretrain_epochs", f"must be >= 0, got {self.pretrain_epochs}")
+        _check(self.ranks >= 1, "scaling.ranks", f"must be >= 1, got {self.ranks}")
         _check(self.retries >= 0, "scaling.retries", f"must be >= 0, got {self.retries}")
         _check(all(self.sources), "scaling.sources", f"holds an empty folder name: {self.sources}")
 

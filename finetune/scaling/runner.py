@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -95,6 +96,7 @@ class Study:
         args = [*_configs(self.cfg.pretrain_config), *self.cfg.pretrain_overrides,
                 f"data.domains={json.dumps(domains)}", f"run.out_dir={folder}", f"engine.seed={seed}",
                 f"data.stream.seed={seed}"]  # fmt: skip
+        args += self._pretrain_steps(sizes(domains)[0])
         log.info("pretraining on %s of the sources (%d users, %d interactions)", fraction, *sizes(domains))
         start = time.monotonic()
         if not self._attempts(folder.name, "pretrain", args, folder):
@@ -103,6 +105,17 @@ class Study:
         info = {"wall_s": time.monotonic() - start, "domains": domains, "users_interactions": sizes(domains)}
         done.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
         return folder / "model"
+
+    def _pretrain_steps(self, users: int) -> list[str]:
+        """The optim.max_steps override of scaling.pretrain_epochs (none when it is 0)."""
+        c = self.cfg
+        if not c.pretrain_epochs:
+            return []
+        from pretrain.config import load_config
+
+        pre = load_config(c.pretrain_config, c.pretrain_overrides)
+        batch = pre.data.stream.batch_size * pre.optim.grad_accum * c.ranks
+        return [f"optim.max_steps={max(1, math.ceil(c.pretrain_epochs * users / batch))}"]
 
     def pretrain_seconds(self, fraction: float | None) -> float | None:
         if not fraction:

@@ -1,0 +1,192 @@
+"""The scaling study: the grid, its config, and one real sweep on tiny shards (every run a real subprocess of
+python -m pretrain / python -m finetune), re-run to show that finished cells are skipped and failed ones retried,
+with the figure and the TensorBoard events read back."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from finetune.scaling import ScalingConfig, Study, grid, load_study
+from finetune.scaling import __main__ as cli
+from finetune.scaling.grid import Cell, Layout
+from finetune.scaling.results import COLUMNS, read
+from shards.schema import load_manifest
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "launch/configs/tiny.toml"
+SMALL = ["data.stream.num_workers=0", "data.stream.batch_size=6", "engine.process_group_timeout_s=60"]
+
+
+def study_config(domains: dict[str, list[str]], out: Path, **more) -> ScalingConfig:
+    fields = dict(
+        sources=domains["source"],
+        target=domains["target"][0],
+        source_fractions=[0.0, 1.0],
+        target_fractions=[0.5],
+        seeds=[0],
+        mode="adapter",
+        control_mode="full",
+        pretrain_config=[str(TINY)],
+        pretrain_overrides=[*SMALL, "optim.max_steps=2", "optim.warmup_steps=1", "run.eval_every=0"],
+        finetune_overrides=[
+            *SMALL,
+            "optim.max_steps=2",
+            "optim.warmup_steps=1",
+            "run.eval_every=0",
+            "run.eval_users=8",
+        ],  # fmt: skip
+        baseline_config=[str(REPO / "launch/configs/sasrec_id.toml")],
+        baseline_overrides=[*SMALL, "optim.max_steps=3", "optim.warmup_steps=1", "run.eval_every=0"],
+        out_dir=str(out),
+        retries=0,
+    )
+    fields.update(more)
+    return ScalingConfig(**fields)
+
+
+# ---- config and grid ------------------------------------------------------------------------------------
+
+
+def test_grid_groups_cells_by_source_fraction_then_the_id_baselines() -> None:
+    cfg = ScalingConfig(source_fractions=[1.0, 0.0], target_fractions=[0.5, 0.25], seeds=[3, 4])
+    cells = grid(cfg)
+    assert len(cells) == 2 * 2 * 2 + 2 * 2
+    assert [c.source_fraction for c in cells[:8]] == [0.0] * 4 + [1.0] * 4
+    assert cells[0] == Cell("content", 0.0, 0.25, 3) and cells[0].name == "src0-tgt0.25-seed3"
+    assert {c.kind for c in cells[8:]} == {"id"} and cells[8].name == "id-tgt0.25-seed3"
+    assert len(grid(ScalingConfig(id_baseline=False))) == 4 * 3
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("scaling.target_fractions=[0.0, 1.0]", r"target_fractions.*\(0, 1\]"),
+        ("scaling.source_fractions=[0.5, 0.5]", "repeats a value"),
+        ("scaling.seeds=[]", "scaling.seeds"),
+        ("scaling.mode=big", "scaling.mode"),
+        ("scaling.sorces=[]", "did you mean scaling.sources"),
+    ],
+)
+def test_bad_study_configs_are_errors_naming_the_key(override: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_study([], [override])
+
+
+def test_every_shipped_study_file_loads() -> None:
+    files = sorted((REPO / "launch" / "studies").glob("*.toml"))
+    assert {f.name for f in files} >= {"demo.toml", "real.toml"}
+    for path in files:
+        cfg = load_study([path])
+        assert cfg.target and cfg.sources and len(grid(cfg)) >= 4
+    real = load_study([REPO / "launch/studies/real.toml"])
+    assert len(real.source_fractions) >= 4 and len(real.target_fractions) >= 3 and len(real.seeds) >= 2
+
+
+def test_cli_errors_and_help(tmp_path: Path, capsys) -> None:
+    assert cli.main(["--help-config"]) == 0
+    assert "scaling.source_fractions: list[float]" in capsys.readouterr().out
+    assert cli.main(["scaling.source_fractions=[2.0]"]) == 2
+    assert "must lie in [0, 1]" in capsys.readouterr().err
+    assert cli.main([f"scaling.out_dir={tmp_path}", "--dry-run"]) == 2  # no target
+    assert "scaling.target" in capsys.readouterr().err
+
+
+def test_target_subsets_are_nested_per_seed(domains, tmp_path: Path) -> None:
+    layout = Layout(study_config(domains, tmp_path))
+    users = {(f, s): load_manifest(layout.target(f, s)).n_users for f in (0.25, 0.5) for s in (0, 1)}
+    assert users == {(0.25, 0): 8, (0.25, 1): 8, (0.5, 0): 15, (0.5, 1): 15}
+    assert layout.target(1.0, 0) == domains["target"][0]  # the whole domain is not copied
+    assert layout.sources(1.0) == domains["source"]
+
+
+# ---- one real sweep ------------------------------------------------------------------------------------
+
+
+class Runs:
+    """The study's real subprocess runner, recording calls; breaks chosen runs with an invalid override (a real
+    failure: the process exits 2)."""
+
+    def __init__(self, study: Study, break_first: Sequence[str] = ()) -> None:
+        self.study, self.break_first, self.calls = study, set(break_first), []
+        study.run_module = self
+
+    def __call__(self, module: str, args: Sequence[str], log_file: Path) -> int:
+        self.calls.append((module, log_file.stem))
+        if log_file.stem in self.break_first:
+            self.break_first.discard(log_file.stem)
+            args = [*args, "optim.max_steps=0"]
+        return self.study._subprocess(module, args, log_file)
+
+
+def test_a_sweep_runs_skips_finished_cells_and_retries_failed_ones(domains, tmp_path: Path, lone_process) -> None:
+    out = tmp_path / "study"
+    # 1: the ID cell fails (no retries): the content cells finish, the study reports one failure
+    runs = Runs(Study(study_config(domains, out), progress=False), break_first=["id-tgt0.5-seed0"])
+    assert runs.study.run() == 1
+    assert runs.calls == [("finetune", "src0-tgt0.5-seed0"), ("pretrain", "source-1"),
+                          ("finetune", "src1-tgt0.5-seed0"), ("finetune", "id-tgt0.5-seed0")]  # fmt: skip
+    assert "optim.max_steps must be >= 1" in (out / "logs" / "id-tgt0.5-seed0.log").read_text()
+    assert [r["cell"] for r in read(out / "results.csv")] == ["src0-tgt0.5-seed0", "src1-tgt0.5-seed0"]
+
+    # 2: a re-run retries only the failed cell; its first attempt fails again, the retry (retries=1) succeeds
+    runs = Runs(Study(study_config(domains, out, retries=1), progress=False), break_first=["id-tgt0.5-seed0"])
+    assert runs.study.run() == 0
+    assert runs.calls == [("finetune", "id-tgt0.5-seed0")] * 2
+
+    # 3: everything finished: nothing runs
+    runs = Runs(Study(study_config(domains, out), progress=False))
+    assert runs.study.run() == 0 and runs.calls == []
+    with pytest.raises(ValueError, match="mode differ"):
+        Study(study_config(domains, out, mode="lora"), progress=False).run()
+
+    rows = {r["cell"]: r for r in read(out / "results.csv")}
+    assert list(rows) == ["src0-tgt0.5-seed0", "src1-tgt0.5-seed0", "id-tgt0.5-seed0"]
+    _check_rows(rows)
+    _check_reports(out, rows)
+
+
+def _check_rows(rows: dict[str, dict[str, str]]) -> None:
+    control, pretrained, ident = rows["src0-tgt0.5-seed0"], rows["src1-tgt0.5-seed0"], rows["id-tgt0.5-seed0"]
+    assert control["mode"] == "full" and pretrained["mode"] == "adapter" and ident["mode"] == "full"
+    assert (control["source_users"], pretrained["source_users"]) == ("0", "60")  # 2 sources x 30 users
+    assert {r["target_users"] for r in rows.values()} == {"15"}  # half of the target's 30 users
+    assert int(pretrained["trainable_params"]) < int(pretrained["total_params"])
+    assert control["trainable_params"] == control["total_params"]
+    for row in rows.values():
+        assert 0.0 <= float(row["ndcg@10"]) <= float(row["hr@10"]) <= 1.0
+        assert row["pop_ndcg@10"] == control["pop_ndcg@10"]  # all ranked on the whole target's test split
+    assert pretrained["pretrain_s"] and not control["pretrain_s"]
+
+
+def _check_reports(out: Path, rows: dict[str, dict[str, str]]) -> None:
+    assert cli.main(["--report", f"scaling.out_dir={out}", *_cli_settings(out)]) == 0
+    with Image.open(out / "scaling.png") as png:
+        assert png.size[0] > 500 and png.size[1] > 300
+    assert "| 0.5 (15) |" in (out / "scaling.md").read_text()
+    curves = EventAccumulator(str(out / "tb" / "curves")).Reload()
+    steps = [e.step for e in curves.Scalars("ndcg@10/target_0.5")]
+    assert steps == [0, int(rows["src1-tgt0.5-seed0"]["source_interactions"])]
+    values = [e.value for e in curves.Scalars("ndcg@10/target_0.5")]
+    assert values == pytest.approx([float(rows[c]["ndcg@10"]) for c in ("src0-tgt0.5-seed0", "src1-tgt0.5-seed0")])
+    assert [e.value for e in curves.Scalars("hr@10/id_target_0.5")] == pytest.approx([float(rows["id-tgt0.5-seed0"]
+                                                                                         ["hr@10"])] * 2)  # fmt: skip
+    assert curves.Tags()["images"] == ["scaling"]
+    assert curves.PluginTagToContent("custom_scalars")
+    for cell in rows:
+        run = EventAccumulator(str(out / "tb" / "cells" / cell)).Reload()
+        assert run.PluginTagToContent("hparams"), cell
+    with (out / "results.csv").open() as f:
+        assert tuple(next(csv.reader(f))) == COLUMNS
+
+
+def _cli_settings(out: Path) -> list[str]:
+    """The saved settings as overrides, so the CLI's --report opens the same study."""
+    saved = json.loads((out / "study.json").read_text())
+    return [f"scaling.{k}={json.dumps(v)}" for k, v in saved.items() if v not in ([], "")]
