@@ -67,10 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("data.domains is empty: name the built domain folders to train on (in a config file, "
                              "or data.domains=path/a,path/b)")  # fmt: skip
         _setup_logging()
-        from .engine import shutdown, train  # imports DeepSpeed: only when training
+        from .engine import CollectiveError, shutdown, train  # imports DeepSpeed: only when training
 
         try:
             train(cfg)
+        except CollectiveError as e:  # another rank died or hung: say so, without a traceback
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         finally:
             shutdown()
     except ValueError as e:  # bad config or input (InputError is one too): the message, no traceback

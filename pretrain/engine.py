@@ -343,6 +343,7 @@ def train(
     ``best``) by ``exporter``. Returns the last logged metrics and the run's ``run/*`` summary (:func:`summary`)."""
     checkpoint.check_out_dir(cfg)
     dist = init_distributed(cfg.engine.process_group_timeout_s)
+    lost = None
     try:
         run = build(cfg, dist, model_factory, exporter)
         resumed = cfg.run.resume and checkpoint.latest_tag(run.out_dir) is not None
@@ -361,8 +362,20 @@ def train(
             if run.writer is not None:
                 run.writer.close()
         return {**last, **summary(run)}
+    except RuntimeError as e:
+        if isinstance(e, torch.distributed.DistError) or any(b in str(e) for b in ("gloo", "NCCL", "Gloo")):
+            lost = CollectiveError(f"rank {dist.rank}: a collective failed: another rank died or stopped responding "
+                                   f"(engine.process_group_timeout_s={cfg.engine.process_group_timeout_s:g}); see "
+                                   f"the logs of the other ranks. {str(e).strip().splitlines()[0]}")  # fmt: skip
+            raise lost from e
+        raise
     finally:
-        torch.distributed.barrier()
+        if lost is None:  # after a lost rank, a barrier would only wait out the timeout again
+            torch.distributed.barrier()
+
+
+class CollectiveError(RuntimeError):
+    """A rank died or hung: this one's collective failed, or waited past the process-group timeout."""
 
 
 def _report_data(run: Run, last: dict[str, float]) -> None:
