@@ -7,12 +7,13 @@
 #   HOSTFILE=launch/hostfile.example NPROC=8 launch/pretrain.sh --config ...      # every node of the hostfile
 #
 #   MODULE=finetune NPROC=2 launch/pretrain.sh --from runs/x/model --data shards/target --mode lora  # finetune too
+#   NPROC=2 launch/pretrain.sh --module finetune --from ...                       # the same (as launch/scaling.sh does)
 #
 # Arguments go to `python -m pretrain` (or $MODULE) unchanged (see `python -m pretrain --help`); the launcher appends
 # --local_rank=N, which pretrain accepts and ignores (the rank comes from the environment it sets).
 #
 # Environment:
-#   MODULE       the module to launch: pretrain (default) or finetune
+#   MODULE       the module to launch: pretrain (default) or finetune; a first argument `--module NAME` wins
 #   NPROC        ranks per node (default: the GPUs of this machine, or 1 without GPU)
 #   HOSTFILE     several nodes: DeepSpeed's hostfile ("host slots=N" per line). Needs passwordless ssh and pdsh,
 #                the same checkout and .venv path on every node, and a shared file system for run.out_dir
@@ -32,6 +33,10 @@ if [ -x .venv/bin/python ]; then
     export PATH="$PWD/.venv/bin:$PATH"
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if [ "${1:-}" = "--module" ]; then
+    MODULE="$2"
+    shift 2
+fi
 
 GPUS="$(python -c 'import torch; print(torch.cuda.device_count())')"
 FORWARD=(HF_HUB_OFFLINE TRANSFORMERS_OFFLINE TOKENIZERS_PARALLELISM)

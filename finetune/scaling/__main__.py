@@ -40,7 +40,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report", action="store_true", help="only redraw the figure, table and TensorBoard runs")
     p.add_argument("--help-config", action="store_true", help="describe every key of [scaling] and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
