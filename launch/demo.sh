@@ -2,7 +2,8 @@
 # The main job on the embedded default data: synthesize three small domains, build their shards,
 # verify them, stream training batches through tokenizer and image transforms, pretrain a tiny multimodal
 # model on two of them under DeepSpeed (checkpoints, TensorBoard, validation against popularity, export), and
-# transfer it to the third with LoRA, ranked over that domain's whole catalog.
+# transfer it to the third with LoRA, ranked over that domain's whole catalog; then a small scaling study (source
+# and target data sizes, the ID baseline) that ends in results.csv, a figure, a table and TensorBoard curves.
 # Output: runs/demo/ (override with MOMREC_DEMO_DIR).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -10,27 +11,27 @@ source launch/setup.sh
 OUT="${MOMREC_DEMO_DIR:-runs/demo}"
 DOMAINS=(books movies fashion)
 
-echo "[demo] 1/6 synthesize the default data into $OUT/data"
+echo "[demo] 1/7 synthesize the default data into $OUT/data"
 python -m shards synth --out "$OUT/data"
 
-echo "[demo] 2/6 build shards into $OUT/shards"
+echo "[demo] 2/7 build shards into $OUT/shards"
 for d in "${DOMAINS[@]}"; do
     python -m shards build --format generic --input "$OUT/data/$d" --out "$OUT/shards/$d" \
         --image-size 64 --samples-per-shard 32 --overwrite --no-progress
 done
 
-echo "[demo] 3/6 verify every shard against its manifest"
+echo "[demo] 3/7 verify every shard against its manifest"
 for d in "${DOMAINS[@]}"; do python -m shards verify "$OUT/shards/$d"; done
 
-echo "[demo] 4/6 stream training batches from all three domains (2 data workers)"
+echo "[demo] 4/7 stream training batches from all three domains (2 data workers)"
 python -m shards stream "${DOMAINS[@]/#/$OUT/shards/}" --batch-size 16 --batches 3 --image-size 64 --num-workers 2
-echo "[demo] 5/6 pretrain the tiny config on books and movies (DeepSpeed, CPU): $OUT/pretrain"
+echo "[demo] 5/7 pretrain the tiny config on books and movies (DeepSpeed, CPU): $OUT/pretrain"
 rm -rf "$OUT/pretrain" "$OUT/finetune"  # fresh runs (both commands refuse to overwrite a run's checkpoints)
 export HF_HUB_OFFLINE=1
 python -m pretrain --config launch/configs/tiny.toml \
     "data.domains=$OUT/shards/books,$OUT/shards/movies" "run.out_dir=$OUT/pretrain"
 
-echo "[demo] 6/6 transfer it to fashion with LoRA, then rank the fashion test users: $OUT/finetune"
+echo "[demo] 6/7 transfer it to fashion with LoRA, then rank the fashion test users: $OUT/finetune"
 python -m finetune --from "$OUT/pretrain/model" --data "$OUT/shards/fashion" --mode lora \
     "run.out_dir=$OUT/finetune" optim.max_steps=20 optim.warmup_steps=2 run.eval_every=10 run.log_every=5
 python - "$OUT/finetune/summary.json" <<'PY'
@@ -42,5 +43,12 @@ print(f"[demo] fashion test, full ranking over the catalog ({int(t['test/users']
       f"NDCG@10 {t['test/full/pop/ndcg@10']:.4f}, HR@10 {t['test/full/pop/hr@10']:.4f}; "
       f"{s['params']['all']['trainable']:,} of {s['params']['all']['total']:,} parameters trained")
 PY
+
+echo "[demo] 7/7 scaling study: sources at 0/50/100 % of their users x fashion at 50/100 %, plus SASRec: $OUT/scaling"
+rm -rf "$OUT/scaling"
+python -m finetune.scaling --config launch/studies/demo.toml --no-progress \
+    "scaling.sources=$OUT/shards/books,$OUT/shards/movies" "scaling.target=$OUT/shards/fashion" \
+    "scaling.out_dir=$OUT/scaling"
 echo "[demo] done: data in $OUT/data, shards in $OUT/shards, pretrained model in $OUT/pretrain/model,"
-echo "[demo]       finetuned model in $OUT/finetune/best; TensorBoard: tensorboard --logdir $OUT"
+echo "[demo]       finetuned model in $OUT/finetune/best, scaling study in $OUT/scaling (scaling.png, scaling.md,"
+echo "[demo]       results.csv); TensorBoard: tensorboard --logdir $OUT"
