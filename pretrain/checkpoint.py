@@ -41,6 +41,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from shards.build import check_free_space
 from shards.stream import SequenceStream
 
 from .config import TrainConfig, from_dict, to_dict
@@ -208,6 +209,7 @@ def save(engine: Any, cfg: TrainConfig, stream: SequenceStream, step: int, out_d
     """Every rank: DeepSpeed's checkpoint, then our state; ``latest`` moves only once all ranks are done."""
     ckpt, tag, rank = checkpoint_dir(out_dir), tag_of(step), _rank()
     folder = ckpt / tag
+    _check_space(engine, ckpt)
     if rank == 0 and folder.exists():
         shutil.rmtree(folder)  # left by a save that crashed before the pointer moved: start it afresh
     _barrier()
@@ -220,6 +222,34 @@ def save(engine: Any, cfg: TrainConfig, stream: SequenceStream, step: int, out_d
         _write_latest(ckpt, tag)
         prune(ckpt, cfg.run.keep_checkpoints)
     return folder
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _check_space(engine: Any, ckpt: Path) -> None:
+    """Every rank: fail before writing when the file system cannot hold another checkpoint (the size of the
+    latest one, or, for the first, 16 bytes a parameter: weights and Adam's two moments in fp32, and a margin).
+    The verdict is all-reduced, so every rank raises alike instead of some waiting in a barrier."""
+    ckpt.mkdir(parents=True, exist_ok=True)
+    tag = latest_tag(ckpt.parent)
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())  # ZeRO-3: the full size
+    needed = _folder_bytes(ckpt / tag) if tag else 16 * params
+    try:
+        check_free_space(ckpt, needed, "a checkpoint")
+        short = 0
+    except ValueError as e:
+        short, message = 1, str(e)
+    if torch.distributed.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        flag = torch.tensor([short], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and not short:
+            message = f"not enough free space for a checkpoint on another rank (see its log) in {ckpt}"
+        short = int(flag.item())
+    if short:
+        raise ValueError(message)
 
 
 def prune(ckpt: Path, keep: int) -> list[str]:

@@ -342,6 +342,7 @@ def _write_atomically(
     """Write into a hidden sibling folder; rename it into place once complete (a crash leaves no complete-looking
     output: the manifest is the last file written, and ``out_dir`` appears only by the final rename)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    check_free_space(out_dir.parent, _estimated_bytes(dom), f"the shards of {out_dir}")
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -359,6 +360,32 @@ def _write_atomically(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+TAR_MEMBER_BYTES = 1024
+"""A tar member's header and padding, at most."""
+
+
+def _estimated_bytes(dom: _Domain) -> int:
+    """What the shards will take: every item's image and text once in items-*.tar, and again in the sequence
+    sample of each user who has it (plus tar overhead); an over- rather than an under-estimate."""
+    sizes = [len(it.image or b"") + len((it.text or "").encode()) + 2 * TAR_MEMBER_BYTES + 200 for it in dom.items]
+    total = sum(sizes)
+    for _, events in dom.users:
+        distinct = {dom.slot_to_index[slot] for slot in events.slots}
+        total += sum(sizes[i] for i in distinct) + 40 * len(events) + TAR_MEMBER_BYTES
+    return total
+
+
+def check_free_space(folder: str | Path, needed: int, what: str, margin: float = 0.1) -> None:
+    """An :class:`InputError` before writing ``needed`` bytes of ``what`` into ``folder`` when its file system has
+    less free space than that plus ``margin``: failing early beats a full disk half-way through."""
+    free = shutil.disk_usage(folder).free
+    if free < needed * (1 + margin):
+        raise InputError(
+            f"not enough free space in {folder} for {what}: about {needed / 2**20:,.1f} MiB needed, "
+            f"{free / 2**20:,.1f} MiB free"
+        )
 
 
 def _replace(new: Path, target: Path) -> None:
