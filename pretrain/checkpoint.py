@@ -13,6 +13,8 @@ atomically (a temporary file renamed over it), so a save interrupted at any poin
 as the latest; ``engine.load_checkpoint(dir)`` without a tag reads the same pointer. Resuming restores the model,
 optimizer, schedule, the stream position and every RNG, so the next step's loss equals the uninterrupted run's.
 Checkpoints assume a file system shared by all nodes (rank 0 writes the pointer and prunes).
+Before a save, every rank checks that the file system has room for another checkpoint (the latest one's size)
+and all of them stop with a clear error if any has not: a full disk is found before a half-written save.
 
 Export (``run.out_dir/model``): ``config.json`` (the resolved config and the catalog) and ``model.safetensors``
 (the full state dict, gathered across ranks under ZeRO-3); :func:`load_pretrained` rebuilds the model from them.
