@@ -147,6 +147,21 @@ def finish(*launchers: Launcher, timeout_s: float = LAUNCH_TIMEOUT_S) -> None:
     assert problem is None, f"{problem}:\n" + "\n".join(la.tail() for la in launchers)
 
 
+def two_nodes(args: list[str], log_dir: Path) -> list[Launcher]:
+    """Two torchrun "nodes" of one rank each on this machine (static rendezvous on 127.0.0.1), logging to
+    ``log_dir/node{0,1}.log``."""
+    port = _free_port()
+    return [
+        Launcher(
+            ["--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1"]
+            + ["--master_addr", "127.0.0.1", "--master_port", str(port)],
+            args,
+            log_dir / f"node{node}.log",
+        )
+        for node in range(2)
+    ]
+
+
 def pretrain_args(folders: list[str], out_dir: Path, *extra: str) -> list[str]:
     return [
         "--config",
@@ -217,18 +232,9 @@ def test_zero_trains_and_resumes_exactly(folders: list[str], tmp_path: Path, sta
 def test_two_nodes_train_and_checkpoint(folders: list[str], tmp_path: Path) -> None:
     """Multi-node, simulated here: two torchrun node launchers (one rank each, static rendezvous on 127.0.0.1)
     train together, validate, write one checkpoint with both ranks' files, and an export that loads."""
-    out_dir, port, steps = tmp_path / "run", _free_port(), 3
+    out_dir, steps = tmp_path / "run", 3
     args = pretrain_args(folders, out_dir, f"optim.max_steps={steps}", "run.save_every=0", "run.eval_users=16")
-    nodes = [
-        Launcher(
-            ["--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1"]
-            + ["--master_addr", "127.0.0.1", "--master_port", str(port)],
-            args,
-            tmp_path / f"node{node}.log",
-        )
-        for node in range(2)
-    ]
-    finish(*nodes)
+    finish(*two_nodes(args, tmp_path))
 
     logged = metrics(out_dir)
     assert sorted(logged) == list(range(1, steps + 1))

@@ -126,16 +126,7 @@ def test_a_dead_or_stuck_rank_makes_the_other_exit_within_the_timeout(
     faults(f"{fault}:train:2:1")
     args = pretrain_args(folders, tmp_path / "run", "optim.max_steps=50", "run.save_every=0", "data.valid_domains=[]")
     args.append(f"engine.process_group_timeout_s={TIMEOUT_S}")  # last: overrides pretrain_args' 60 s
-    port = dist_tests._free_port()
-    nodes = [
-        Launcher(
-            ["--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1"]
-            + ["--master_addr", "127.0.0.1", "--master_port", str(port)],
-            args,
-            tmp_path / f"node{node}.log",
-        )
-        for node in range(2)
-    ]
+    nodes = dist_tests.two_nodes(args, tmp_path)
     try:
         if fault == "hang":
             deadline = time.monotonic() + dist_tests.LAUNCH_TIMEOUT_S
