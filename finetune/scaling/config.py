@@ -71,7 +71,9 @@ class ScalingConfig(_Section):
     pretrain_overrides: list[str] = field(default_factory=list)
     """section.field=value overrides of pretraining (model.* ones apply to the --from none cells too)."""
     finetune_config: list[str] = field(default_factory=list)
-    """Config files of finetuning, layered over the pretrained run's sections (optim, run: steps, validation)."""
+    """Config files of finetuning (optim, run: steps, validation). Every content cell, pretrained or not, reads
+    pretrain_config, then these, then the model.* pretrain_overrides, then finetune_overrides: the two arms share
+    architecture, optimizer and stream settings and differ only in their start (python -m finetune --from)."""
     finetune_overrides: list[str] = field(default_factory=list)
     """section.field=value overrides of finetuning (every content cell, pretrained or not)."""
     baseline_config: list[str] = field(default_factory=lambda: ["launch/configs/sasrec_id.toml"])

@@ -132,15 +132,16 @@ class Study:
         if cell.kind == "id":
             return ["--from", "none", "--data", target, "--mode", "full", *_configs(c.baseline_config),
                     *c.baseline_overrides, *common]  # fmt: skip
+        # both arms get the same config layers (the pretraining's files and model.* overrides: architecture, optim
+        # and stream alike), so a pretrained cell and its control differ only in --from and the mode
+        architecture = [o for o in c.pretrain_overrides if o.startswith("model.")]
+        layers = [*_configs(c.pretrain_config), *_configs(c.finetune_config), *architecture, *c.finetune_overrides]
         if not cell.source_fraction:
-            architecture = [o for o in c.pretrain_overrides if o.startswith("model.")]
-            return ["--from", "none", "--data", target, "--mode", c.control_mode, *_configs(c.pretrain_config),
-                    *_configs(c.finetune_config), *architecture, *c.finetune_overrides, *common]  # fmt: skip
+            return ["--from", "none", "--data", target, "--mode", c.control_mode, *layers, *common]
         model = self.pretrained(cell.source_fraction)
         if model is None:
             return None
-        return ["--from", str(model), "--data", target, "--mode", c.mode, *_configs(c.finetune_config),
-                *c.finetune_overrides, *common]  # fmt: skip
+        return ["--from", str(model), "--data", target, "--mode", c.mode, *layers, *common]
 
     def run_cell(self, cell: Cell) -> dict[str, Any] | None:
         """Finetune and test ``cell``; its results.csv row, or None when it failed."""
