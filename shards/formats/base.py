@@ -147,14 +147,24 @@ def read_csv(
             yield text + "\n"  # the line end back: a quoted field spanning lines keeps its line break
 
     reader = csv.reader(texts(), delimiter=delimiter)
-    header = next(reader, None)
+    try:
+        header = next(reader, None)
+    except csv.Error as e:
+        raise InputError(f"malformed header: {_csv_problem(e)}", file=path.name, line=numbers[-1]) from None
     if header is None:
         raise InputError("empty file: expected a header line", file=path.name, line=1)
     header = [h.strip() for h in header]
     missing = [c for c in required if c not in header]
     if missing:
         raise InputError(f"header {header} lacks column(s) {missing}", file=path.name, line=numbers[-1])
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:  # the parser drops the line and goes on with the next one
+            skips.add(path.name, numbers[-1], None, f"malformed row: {_csv_problem(e)}")
+            continue
         number = numbers[-1]
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
@@ -162,6 +172,13 @@ def read_csv(
             skips.add(path.name, number, None, f"malformed row: {len(row)} fields, header has {len(header)}")
             continue
         yield number, dict(zip(header, row))
+
+
+def _csv_problem(error: csv.Error) -> str:
+    """What the csv parser found, in the user's terms (a lone carriage return is the usual cause)."""
+    if "new-line character" in str(error):
+        return "a carriage return (\\r) inside an unquoted field"
+    return str(error)
 
 
 def resolve_image(root: Path, relative: Any, skips: Skips, file: str, line: int | None, field: str) -> Path | None:

@@ -25,10 +25,10 @@ before every impression click. Finding each user's earliest row takes one extra 
 
 from __future__ import annotations
 
-import calendar
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from ..errors import InputError, Skips
@@ -47,10 +47,13 @@ def parse_time(text: str) -> float | None:
     if m is None:
         return None
     month, day, year, hour, minute, second = (int(g) for g in m.groups()[:6])
-    if not (1 <= month <= 12 and 1 <= day <= 31 and 1 <= hour <= 12 and minute < 60 and second < 60):
+    if not 1 <= hour <= 12:
         return None
     hour = hour % 12 + (12 if m.group(7) == "PM" else 0)
-    return float(calendar.timegm((year, month, day, hour, minute, second)))
+    try:  # datetime checks the rest: year 0, month 13, February 30, minute 60 are no times
+        return datetime(year, month, day, hour, minute, second, tzinfo=UTC).timestamp()
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)

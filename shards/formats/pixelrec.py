@@ -36,7 +36,10 @@ COVER_FOLDER = "cover"
 def _header(path: Path) -> list[str]:
     """The column names of a CSV file's first line (empty for an empty or unreadable file)."""
     for _, text in decoded_lines(path, Skips()):
-        return [h.strip() for h in next(csv.reader([text]), [])]
+        try:
+            return [h.strip() for h in next(csv.reader([text]), [])]
+        except csv.Error:  # e.g. a lone carriage return: no header this reader can use
+            return []
     return []
 
 
