@@ -47,6 +47,7 @@ import math
 import os
 import random
 import sys
+import tarfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -132,10 +133,7 @@ def catalog_tables(
     pending: list[dict[str, Any]] = []
     number = 0
     for info in manifest.item_shards:
-        path = Path(folder) / info.name
-        if not path.is_file():
-            raise InputError(f"{path}: listed in the manifest but missing")
-        for raw in read_shard(path):
+        for raw in _catalog_samples(Path(folder), info):
             pending.append(raw)
             if len(pending) == chunk:
                 if number % world == rank:
@@ -143,6 +141,25 @@ def catalog_tables(
                 pending, number = [], number + 1
     if pending and number % world == rank:
         yield collate_items([(domain, schema.decode_item(r)) for r in pending], cfg)
+
+
+def _catalog_samples(folder: Path, info: schema.ShardInfo) -> Iterator[dict[str, Any]]:
+    """The raw samples of one items shard; a missing, truncated or corrupt shard is an :class:`InputError` naming
+    it (a catalog with items left out cannot be ranked against)."""
+    path = folder / info.name
+    if not path.is_file():
+        raise InputError(f"{path}: listed in the manifest but missing")
+    hint = f"the catalog is incomplete (run `python -m shards verify {folder}`)"
+    count = 0
+    try:
+        for raw in read_shard(path):
+            count += 1
+            yield raw
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:  # tarfile's ReadError for a truncated shard
+        problem = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+        raise InputError(f"{path}: unreadable tar content after {count} samples ({problem}): {hint}") from None
+    if count != info.samples:
+        raise InputError(f"{path}: {count} samples, the manifest says {info.samples}: {hint}")
 
 
 @dataclass

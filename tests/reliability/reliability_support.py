@@ -4,6 +4,7 @@ package: they are loaded by path, once, under a private name).
 * ``tests/pretrain/conftest.py``: ``folders`` (two tiny built domains, once per session), ``one_thread``.
 * ``tests/pretrain/test_engine.py``: ``config`` (the tiny config for an in-process run), ``clean_dist_env``.
 * ``tests/shards/conftest.py``: ``write_domain`` (a hand-written built domain, broken where asked).
+* ``tests/pretrain/test_evaluate.py``: ``tiny_config``, ``tiny_model`` (an untrained model for evaluation).
 * ``tests/dist/test_pretrain_dist.py``: ``Launcher``/``finish`` (``torchrun -m pretrain`` with wall-clock limits),
   ``pretrain_args``, ``metrics``, and the ``deepspeed_comm_op`` build.
 """
@@ -33,3 +34,4 @@ pretrain_fixtures = borrow("pretrain/conftest.py")
 engine_tests = borrow("pretrain/test_engine.py")
 shard_fixtures = borrow("shards/conftest.py")
 dist_tests = borrow("dist/test_pretrain_dist.py")
+evaluate_tests = borrow("pretrain/test_evaluate.py")

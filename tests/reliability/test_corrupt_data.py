@@ -1,17 +1,22 @@
 """Corrupt data: every kind of bad sample is skipped, counted and logged once with its shard and key, and the run
 goes on; the counts reach TensorBoard and the end-of-run log. A shard that cannot be opened at all is an error
-naming it, before any rank starts training (so no rank waits for another in a collective)."""
+naming it, before any rank starts training (so no rank waits for another in a collective). A truncated items
+shard at evaluation is an error naming it: the catalog is incomplete."""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import webdataset as wds
-from reliability_support import engine_tests, shard_fixtures
+from reliability_support import engine_tests, evaluate_tests, shard_fixtures
 
+from pretrain import checkpoint, evaluate
 from pretrain.__main__ import main
 from shards import schema
 from shards.inspect import read_shard
@@ -134,3 +139,33 @@ def test_a_shard_that_cannot_be_opened_is_an_error_naming_it(broken, tmp_path: P
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"error: {shard}" in err and "Traceback" not in err, err[-2000:]
+
+
+@pytest.fixture(scope="module")
+def exported(folders, tmp_path_factory) -> Path:
+    """An untrained tiny model over ``folders``, exported as ``python -m pretrain.evaluate`` reads it."""
+    cfg = evaluate_tests.tiny_config(folders)
+    model = evaluate_tests.tiny_model(cfg, folders)
+    engine = SimpleNamespace(module=model, zero_optimization_stage=lambda: 0)
+    return checkpoint.export(engine, cfg, model.catalog, tmp_path_factory.mktemp("export") / "model")
+
+
+@pytest.mark.parametrize("cut", ["inside a member", "between members"])
+def test_a_truncated_items_shard_at_evaluation_is_an_error_naming_it(
+    folders, exported: Path, tmp_path: Path, capsys, cut: str
+) -> None:
+    """``python -m pretrain.evaluate`` on a domain whose second items shard lost its end: exit 2 and one line naming
+    the shard and the incomplete catalog, no traceback; cut between two members, tar reads fewer samples silently,
+    and the count against the manifest says so."""
+    data = tmp_path / "movies"
+    shutil.copytree(folders[1], data)
+    shard = data / schema.shard_name("items", 1)
+    with tarfile.open(shard) as tar:
+        middle = max(tar.getmembers()[4:-4], key=lambda m: m.size)  # an image, in the middle of the shard
+    end = middle.offset_data + middle.size // 2 if cut == "inside a member" else middle.offset
+    shard.write_bytes(shard.read_bytes()[:end])
+    assert evaluate.main(["--model", str(exported), "--data", str(data), "--users", "4"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {shard}: " in err and "Traceback" not in err, err[-2000:]
+    assert "the catalog is incomplete (run `python -m shards verify" in err, err[-2000:]
+    assert ("unreadable tar content" if cut == "inside a member" else "samples, the manifest says 16") in err
