@@ -89,7 +89,11 @@ def folders(tmp_path_factory) -> list[str]:
 def deepspeed_comm_op() -> None:
     """Build (or load from ~/.cache/torch_extensions) DeepSpeed's C++ comm op once, before any launcher runs: on a
     clean machine the build takes ~2 min on 2 cores, which must not count against a launcher's time limit."""
-    code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+    # through import_deepspeed: the same ninja as the runs use, so they find the op built (pretrain.engine)
+    code = (
+        "from pretrain.engine import import_deepspeed; import_deepspeed(); "
+        "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+    )
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600
     )
