@@ -144,11 +144,11 @@ def finetune(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def evaluate_best(folder: Path, cfg: TrainConfig) -> dict[str, float]:
-    """Full-ranking test metrics (:func:`pretrain.evaluate.evaluate_domain`) of the model in ``folder`` (the best
+    """Full-ranking test metrics (:func:`pretrain.ranking.evaluate_domain`) of the model in ``folder`` (the best
     one, or the last when no best was kept) on the test split of every validation domain (the target domains
     unless data.valid_domains names others, e.g. the whole domain of a user subset): ``test/full/...`` for one
     domain, ``test/<domain>/full/...`` per domain when there are several. Every rank must call it."""
-    from pretrain.evaluate import EvalOptions, evaluate_domain
+    from pretrain.ranking import EvalOptions, evaluate_domain
     from pretrain.validate import catalog_folders, valid_folders
 
     if not folder.is_dir():

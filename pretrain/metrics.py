@@ -1,4 +1,4 @@
-"""Ranking a held-out target and the metrics of ranks: the pure part of :mod:`pretrain.evaluate` (no model).
+"""Ranking a held-out target and the metrics of ranks: the pure part of :mod:`pretrain.ranking` (no model).
 
 Rank (0-based) of a user's target = the candidates scoring higher + the candidates scoring the same that come
 first in a fixed random order of the catalog (:func:`tiebreak_order`), so that a collapsed model (all scores

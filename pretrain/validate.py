@@ -1,6 +1,6 @@
 """Quick validation during pretraining, MISSRec's interest refresh, and the evaluation copy of the engine's model.
 
-The quick validation is :func:`pretrain.evaluate.evaluate_domain` (the project's one ranking implementation) on
+The quick validation is :func:`pretrain.ranking.evaluate_domain` (the project's one ranking implementation) on
 the valid split of each validation domain, full ranking only: up to ``run.eval_users`` users per domain (the
 first ones in a seeded order of the sequence shards; 0: all), each ranked against the domain's whole catalog with
 the user's earlier items masked and ties broken by a fixed random order; HR@10 and NDCG@10 next to the popularity
@@ -21,8 +21,8 @@ import torch
 from shards.subset import catalog_id
 
 from .config import TrainConfig
-from .evaluate import EvalOptions, Tally, cat_embeddings, encode_catalog, evaluate_domain
 from .model import Catalog, Recommender
+from .ranking import EvalOptions, Tally, cat_embeddings, encode_catalog, evaluate_domain
 
 ModelFactory = Callable[[TrainConfig, Catalog], Recommender]
 """Builds a model from a config and a catalog (the engine's model factory)."""

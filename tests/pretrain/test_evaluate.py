@@ -1,4 +1,4 @@
-"""Full-ranking evaluation (pretrain.evaluate, pretrain.metrics): ranks and metrics against hand-computed cases
+"""Full-ranking evaluation (pretrain.ranking and .metrics, the command): ranks and metrics against hand-computed cases
 (ties, masking, sampled negatives), popularity and modality buckets, chunk- and batch-size invariance, a
 brute-force reference for score fusion, new domains, the quick validation as the same computation, and the
 command end to end (one process and two gloo ranks) with its errors."""
@@ -17,11 +17,12 @@ from typing import Any
 import pytest
 import torch
 
-from pretrain import checkpoint, evaluate
+from pretrain import checkpoint, ranking
 from pretrain.config import TrainConfig, load_config
-from pretrain.evaluate import EvalOptions, encode_catalog, evaluate_domain, main, model_for_domain
+from pretrain.evaluate import main
 from pretrain.metrics import BUCKETS, Tally, item_buckets, rank_targets, sample_negatives, tiebreak_order
 from pretrain.model import Catalog, Recommender
+from pretrain.ranking import EvalOptions, encode_catalog, evaluate_domain, model_for_domain
 from pretrain.validate import quick_validation
 from shards import schema
 from shards.stream import SequenceStream, StreamConfig
@@ -275,7 +276,7 @@ def _rank_main(rank: int, port: int, argv: list[str], log: Path) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))  # fmt: skip
     taken: dict[str, int] = {"users": 0, "chunks": 0}
-    users, tables = evaluate.held_out_users, evaluate.catalog_tables
+    users, tables = ranking.held_out_users, ranking.catalog_tables
 
     def counted(what: str, source: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -286,7 +287,7 @@ def _rank_main(rank: int, port: int, argv: list[str], log: Path) -> None:
 
         return wrapper
 
-    evaluate.held_out_users, evaluate.catalog_tables = counted("users", users), counted("chunks", tables)
+    ranking.held_out_users, ranking.catalog_tables = counted("users", users), counted("chunks", tables)
     code = main(argv)
     log.write_text(json.dumps(taken))
     os._exit(code)

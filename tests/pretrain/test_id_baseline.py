@@ -13,8 +13,8 @@ import torch
 from pretrain.checkpoint import load_pretrained
 from pretrain.config import TrainConfig, load_config
 from pretrain.engine import shutdown, train
-from pretrain.evaluate import EvalOptions, evaluate_domain
 from pretrain.model import Catalog, Recommender
+from pretrain.ranking import EvalOptions, evaluate_domain
 from shards.stream import SequenceStream
 
 REPO = Path(__file__).resolve().parents[2]
