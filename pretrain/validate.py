@@ -80,8 +80,8 @@ def catalog_folders(cfg: TrainConfig) -> list[str]:
     folders = list(cfg.data.domains)
     known = {catalog_id(f) for f in folders}
     for folder in cfg.data.valid_domains or []:
-        if catalog_id(folder) not in known:
-            known.add(catalog_id(folder))
+        if (identity := catalog_id(folder)) not in known:
+            known.add(identity)
             folders.append(folder)
     return folders
 

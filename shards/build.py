@@ -16,7 +16,7 @@ import os
 import shutil
 from array import array
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -201,7 +201,7 @@ def _encode_one(job: tuple[Path, int, int]) -> bytes | str:
         return str(e)
 
 
-def _write_shards(
+def write_shards(
     folder: Path, kind: schema.ShardKind, samples: Iterable[dict], per_shard: int, total: int, progress: bool
 ) -> list[dict[str, Any]]:
     """Write samples into numbered tar files; returns the manifest's shard list."""
@@ -343,19 +343,27 @@ def _write_atomically(
     output: the manifest is the last file written, and ``out_dir`` appears only by the final rename)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     check_free_space(out_dir.parent, _estimated_bytes(dom), f"the shards of {out_dir}")
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_folder(out_dir) as tmp:
         items = (schema.encode_item(it) for it in dom.items)
         seqs = (schema.encode_seq(_sequence(dom, u)) for u in range(len(dom.users)))
         per = opts.samples_per_shard
         manifest["shards"] = {
-            "items": _write_shards(tmp, "items", items, per, len(dom.items), progress),
-            "seqs": _write_shards(tmp, "seqs", seqs, per, len(dom.users), progress),
+            "items": write_shards(tmp, "items", items, per, len(dom.items), progress),
+            "seqs": write_shards(tmp, "seqs", seqs, per, len(dom.users), progress),
         }
         text = schema.dumps_manifest(manifest)
         (tmp / schema.MANIFEST_NAME).write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_folder(out_dir: Path) -> Iterator[Path]:
+    """A hidden sibling of ``out_dir`` to write into, renamed to ``out_dir`` (replacing it) when the block ends
+    without an error and removed when it raises: a crash never leaves a complete-looking output."""
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
         _replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

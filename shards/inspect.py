@@ -14,10 +14,16 @@ from . import schema
 from .build import sha256_file
 
 
-def read_shard(path: Path, handler: Callable[[Exception], bool] = wds.reraise_exception) -> Iterator[dict[str, Any]]:
+def read_shard(
+    path: Path,
+    handler: Callable[[Exception], bool] = wds.reraise_exception,
+    select_files: Callable[[str], bool] | None = None,
+) -> Iterator[dict[str, Any]]:
     """Raw samples of one tar (field -> bytes; no decoder runs, so nothing is unpickled). Unreadable content raises,
-    or goes to ``handler`` (True: skip it and go on, e.g. :class:`shards.stream.TarErrors`)."""
-    return iter(wds.DataPipeline(wds.SimpleShardList([str(path)]), wds.tarfile_to_samples(handler=handler)))
+    or goes to ``handler`` (True: skip it and go on, e.g. :class:`shards.stream.TarErrors`); ``select_files``: only
+    the members whose names it accepts."""
+    samples = wds.tarfile_to_samples(handler=handler, select_files=select_files)
+    return iter(wds.DataPipeline(wds.SimpleShardList([str(path)]), samples))
 
 
 def _image_desc(data: bytes | None) -> str:

@@ -16,7 +16,6 @@ evaluated on the parent's users without a second copy of the catalog.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,11 +26,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import webdataset as wds
-
 from . import schema
-from .build import _replace, _write_shards, sha256_file
+from .build import atomic_folder, sha256_file, write_shards
 from .errors import InputError
+from .inspect import read_shard
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +67,11 @@ def _raw_samples(folder: Path, manifest: schema.Manifest, fields: tuple[str, ...
         return fields is None or name.rsplit(".", 1)[-1] in fields
 
     for shard in manifest.seq_shards:
-        url = str(folder / shard.name)
-        samples = wds.tarfile_samples([{"url": url}], handler=wds.reraise_exception, select_files=wanted)
-        with contextlib.closing(samples):
-            try:
-                yield from samples
-            except Exception as e:  # a tar that breaks midway: the parent is damaged, say which file
-                raise InputError(f"{url}: unreadable ({e!r}); run 'python -m shards verify {folder}'") from None
+        path = folder / shard.name
+        try:
+            yield from read_shard(path, select_files=wanted)
+        except Exception as e:  # a tar that breaks midway: the parent is damaged, say which file
+            raise InputError(f"{path}: unreadable ({e!r}); run 'python -m shards verify {folder}'") from None
 
 
 def _json_id(raw: dict[str, Any]) -> str:
@@ -119,15 +115,12 @@ def subset(folder: str | Path, out: str | Path, fraction: float, seed: int = 0, 
 
     doc = dict(manifest.raw)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_folder(out) as tmp:
         for shard in manifest.item_shards:
             _link_or_copy(folder / shard.name, tmp / shard.name)
         per = max(s.samples for s in manifest.seq_shards)
-        doc["shards"] = {**manifest.raw["shards"], "seqs": _write_shards(tmp, "seqs", samples(), per, len(keep),
-                                                                          progress)}  # fmt: skip
+        seqs = write_shards(tmp, "seqs", samples(), per, len(keep), progress)
+        doc["shards"] = {**manifest.raw["shards"], "seqs": seqs}
         doc["counts"] = {**manifest.raw["counts"], "users": len(chosen),
                          "interactions": sum(len(s.seq) for s in chosen)}  # fmt: skip
         doc["popularity"] = _popularity(chosen, manifest.n_items)
@@ -140,10 +133,6 @@ def subset(folder: str | Path, out: str | Path, fraction: float, seed: int = 0, 
             "parent_users": manifest.n_users,
         }
         (tmp / schema.MANIFEST_NAME).write_text(schema.dumps_manifest(doc), encoding="utf-8")
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("subset %s: %d of %d users (fraction %g, seed %d)", out, len(chosen), manifest.n_users, fraction, seed)
     return doc
 

@@ -120,12 +120,12 @@ def figure(rows: list[dict[str, str]]) -> Any:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(6 * len(CURVE_METRICS), 4.2), squeeze=False)
-    positive = [int(r["source_interactions"]) for r in rows if r["kind"] == "content" and r["source_interactions"]]
-    positive = [x for x in positive if x > 0]
+    sources = {int(r["source_interactions"]) for r in rows if r["kind"] == "content"}
+    positive = [x for x in sources if x > 0]
     zero_x = min(positive) / 4 if positive else 1.0
     for ax, metric in zip(axes[0], CURVE_METRICS):
-        ids = baseline(rows, metric)
-        for i, (target, points) in enumerate(curves(rows, metric).items()):
+        ids, lines = baseline(rows, metric), curves(rows, metric)
+        for i, (target, points) in enumerate(lines.items()):
             color = f"C{i}"
             xs = [p.source_interactions or zero_x for p in points]
             label = f"target {fraction_name(target)}"
@@ -137,7 +137,7 @@ def figure(rows: list[dict[str, str]]) -> Any:
         if pop:
             ax.axhline(statistics.fmean(pop), color="gray", linestyle=":", linewidth=1, label="popularity")
         ax.set_xscale("log")
-        ticks = sorted({p.source_interactions or zero_x for ps in curves(rows, metric).values() for p in ps})
+        ticks = sorted({p.source_interactions or zero_x for ps in lines.values() for p in ps})
         ax.set_xticks(ticks, [("0" if x == zero_x else f"{int(x):,}") for x in ticks], rotation=30)
         ax.minorticks_off()
         ax.set_xlabel("source interactions seen by pretraining (log; 0 = no pretraining)")

@@ -96,13 +96,14 @@ class Study:
         args = [*_configs(self.cfg.pretrain_config), *self.cfg.pretrain_overrides,
                 f"data.domains={json.dumps(domains)}", f"run.out_dir={folder}", f"engine.seed={seed}",
                 f"data.stream.seed={seed}"]  # fmt: skip
-        args += self._pretrain_steps(sizes(domains)[0])
-        log.info("pretraining on %s of the sources (%d users, %d interactions)", fraction, *sizes(domains))
+        users, interactions = sizes(domains)
+        args += self._pretrain_steps(users)
+        log.info("pretraining on %s of the sources (%d users, %d interactions)", fraction, users, interactions)
         start = time.monotonic()
         if not self._attempts(folder.name, "pretrain", args, folder):
             self.failed_pretraining.add(fraction)
             return None
-        info = {"wall_s": time.monotonic() - start, "domains": domains, "users_interactions": sizes(domains)}
+        info = {"wall_s": time.monotonic() - start, "domains": domains, "users_interactions": [users, interactions]}
         done.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
         return folder / "model"
 
