@@ -12,7 +12,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from pretrain.__main__ import _setup_logging
+from pretrain.cli import add_config_arguments, add_run_arguments, setup_logging
 from pretrain.config import config_help, to_dict
 
 DESCRIPTION = """\
@@ -68,13 +68,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", nargs="+", metavar="SHARDS", help="built target domain folders (data.domains); they are "
                    "also the validation domains")  # fmt: skip
     p.add_argument("--mode", choices=["full", "lora", "adapter", "top"], help="what trains (finetune.mode)")
-    p.add_argument("--config", action="append", default=[], metavar="FILE",
-                   help="TOML (or saved JSON) config; repeat to layer files, later ones win")  # fmt: skip
-    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="overrides, applied last")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run.out_dir")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-    p.add_argument("--help-config", action="store_true", help="describe every config key and exit")
-    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # appended by `deepspeed`
+    add_config_arguments(p)
+    add_run_arguments(p)
     args = p.parse_intermixed_args(argv)
     if args.data:  # `--data a b x.y=1`: the greedy --data also took the overrides that followed it
         args.overrides = [*(d for d in args.data if _OVERRIDE.match(d)), *args.overrides]
@@ -95,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.print_config:
             print(json.dumps(to_dict(cfg), indent=2))
             return 0
-        _setup_logging()
+        setup_logging()
         from pretrain.engine import shutdown
 
         from .run import finetune

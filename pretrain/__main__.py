@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
+from .cli import add_config_arguments, add_run_arguments, setup_logging
 from .config import config_help, deepspeed_config, load_config, to_dict
 
 
@@ -22,32 +22,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Pretrain the multimodal sequential recommender (DeepSpeed ZeRO; CPU or GPU; one or many ranks).",
         epilog="Every config key, with its type, default and meaning: python -m pretrain --help-config",
     )
-    p.add_argument(
-        "--config",
-        action="append",
-        default=[],
-        metavar="FILE",
-        help="TOML (or saved JSON) config; repeat to layer files, later ones win "
-        "(e.g. launch/configs/tiny.toml launch/ds/zero3.toml)",
-    )
-    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="overrides, applied last")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run.out_dir "
-                   "(same as run.resume=true; starts afresh when there is none yet)")  # fmt: skip
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    add_config_arguments(p, example="e.g. launch/configs/tiny.toml launch/ds/zero3.toml")
+    add_run_arguments(p)
     p.add_argument("--print-deepspeed", action="store_true", help="print the derived DeepSpeed config (for "
                    "WORLD_SIZE ranks, default 1) and exit")  # fmt: skip
-    p.add_argument("--help-config", action="store_true", help="describe every config key and exit")
-    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # appended by `deepspeed`
     return p.parse_intermixed_args(argv)
-
-
-def _setup_logging() -> None:
-    rank0 = os.environ.get("RANK", "0") == "0"
-    logging.basicConfig(
-        level=logging.INFO if rank0 else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not cfg.data.domains:
             raise ValueError("data.domains is empty: name the built domain folders to train on (in a config file, "
                              "or data.domains=path/a,path/b)")  # fmt: skip
-        _setup_logging()
+        setup_logging()
         from .engine import CollectiveError, shutdown, train  # imports DeepSpeed: only when training
 
         try:

@@ -23,6 +23,7 @@ from shards import schema
 from shards.errors import InputError
 
 from .checkpoint import EXPORT_CONFIG, EXPORT_WEIGHTS, load_pretrained
+from .cli import setup_logging
 from .metrics import (
     BUCKETS,
     KS,
@@ -208,8 +209,7 @@ def _init_distributed(timeout_s: float) -> tuple[torch.device, bool]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")  # fmt: skip
+    setup_logging()
     try:
         run(args)
     except ValueError as e:  # bad input (InputError is one too): the message, no traceback

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
+
+from pretrain.cli import add_config_arguments, setup_logging
 
 DESCRIPTION = """\
 The scaling study (TransRec's question: does more source data give a larger gain on a new domain?). For each
@@ -33,12 +34,11 @@ Every key of the [scaling] table: python -m finetune.scaling --help-config"""
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m finetune.scaling", description=DESCRIPTION, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--config", action="append", default=[], metavar="FILE",
-                   help="TOML file with a [scaling] table; repeat to layer files, later ones win")  # fmt: skip
-    p.add_argument("overrides", nargs="*", metavar="scaling.field=value", help="overrides, applied last")
+    add_config_arguments(
+        p, files="TOML file with a [scaling] table", keys="scaling.field", described="every key of [scaling]"
+    )
     p.add_argument("--dry-run", action="store_true", help="list the cells and which are finished, run nothing")
     p.add_argument("--report", action="store_true", help="only redraw the figure, table and TensorBoard runs")
-    p.add_argument("--help-config", action="store_true", help="describe every key of [scaling] and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_intermixed_args(argv)
 
@@ -52,8 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.help_config:
         print(config_help(StudyConfig), end="")
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")  # fmt: skip
+    setup_logging()
     try:
         from . import report, results
         from .runner import Study

@@ -3,43 +3,14 @@ model pretrained on the sources for 2 steps (launch/configs/tiny.toml, in-proces
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from testutil import TINY, lone_env, tiny_overrides
 
 from shards.build import BuildOptions, build
 from shards.synth import synthesize
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "launch/configs/tiny.toml"
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core machine run far faster on one thread
-    yield
-    torch.set_num_threads(threads)
-
-
-def _lone_process(mp: pytest.MonkeyPatch) -> None:
-    """train() fills in the launcher's variables for a lone process: keep them out of other tests."""
-    for name in DIST_ENV:
-        mp.delenv(name, raising=False)
-    mp.setenv("DS_ACCELERATOR", "cpu")
-    mp.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture
-def lone_process(monkeypatch):
-    from pretrain.engine import shutdown
-
-    _lone_process(monkeypatch)
-    yield
-    shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -55,17 +26,6 @@ def domains(tmp_path_factory) -> dict[str, list[str]]:
     return {"source": built[:2], "target": built[2:]}
 
 
-def tiny_overrides(folders: list[str], out_dir: Path, *more: str) -> list[str]:
-    return [
-        f"data.domains={json.dumps(folders)}",
-        f"run.out_dir={out_dir}",
-        "data.stream.num_workers=0",
-        "data.stream.batch_size=6",
-        "engine.process_group_timeout_s=60",
-        *more,
-    ]
-
-
 @pytest.fixture(scope="session")
 def pretrained(domains, tmp_path_factory) -> Path:
     """The export (model/ folder) of tiny.toml trained 2 steps on the source domains."""
@@ -76,7 +36,7 @@ def pretrained(domains, tmp_path_factory) -> Path:
     more = ("optim.max_steps=2", "optim.warmup_steps=1", "run.eval_every=0")
     cfg = load_config(str(TINY), tiny_overrides(domains["source"], out, *more))
     with pytest.MonkeyPatch.context() as mp:
-        _lone_process(mp)
+        lone_env(mp)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:

@@ -3,18 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from shards.build import BuildOptions, build
 from shards.synth import synthesize
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core machine run far faster on one thread
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -16,42 +16,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from testutil import REPO, TINY, tiny_overrides
 
 from pretrain import checkpoint
 from pretrain.__main__ import main
 from pretrain.config import TrainConfig, load_config
-from pretrain.engine import lr_factor, param_groups, shutdown, train
+from pretrain.engine import lr_factor, param_groups, train
 from pretrain.model import Catalog, Recommender
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "launch/configs/tiny.toml"
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(autouse=True)
-def clean_dist_env(monkeypatch):
-    """train() fills in the launcher's variables for a lone process: keep them out of the other tests."""
-    for name in DIST_ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def clean_dist_env(lone_process):
+    """Every test here trains in this process."""
     yield
-    shutdown()
-
-
-def overrides(folders: list[str], out_dir: Path, *more: str) -> list[str]:
-    return [
-        f"data.domains={json.dumps(folders)}",
-        f"run.out_dir={out_dir}",
-        "data.stream.num_workers=0",
-        "data.stream.batch_size=6",
-        "engine.process_group_timeout_s=60",
-        *more,
-    ]
 
 
 def config(folders: list[str], out_dir: Path, *more: str) -> TrainConfig:
-    return load_config(str(TINY), overrides(folders, out_dir, *more))
+    return load_config(str(TINY), tiny_overrides(folders, out_dir, *more))
 
 
 def losses(out_dir: Path) -> dict[int, float]:
@@ -64,7 +45,7 @@ def test_the_command_trains_logs_validates_checkpoints_and_exports(folders, tmp_
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    argv = ["--config", str(TINY), *overrides(folders, out, "optim.max_steps=8", "optim.warmup_steps=3")]
+    argv = ["--config", str(TINY), *tiny_overrides(folders, out, "optim.max_steps=8", "optim.warmup_steps=3")]
     argv += ["run.log_every=2", "run.eval_every=8", "run.save_every=4", "run.eval_users=24"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -137,7 +118,7 @@ def test_export_equals_the_trained_weights(folders, tmp_path: Path) -> None:
 def test_a_second_run_into_the_same_folder_is_refused(folders, tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     (out / "checkpoints/step00000002").mkdir(parents=True)
-    argv = ["--config", str(TINY), *overrides(folders, out)]
+    argv = ["--config", str(TINY), *tiny_overrides(folders, out)]
     assert main(argv) == 2
     assert "already holds checkpoints: pass --resume" in capsys.readouterr().err
 

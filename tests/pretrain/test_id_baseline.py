@@ -12,7 +12,7 @@ import torch
 
 from pretrain.checkpoint import load_pretrained
 from pretrain.config import TrainConfig, load_config
-from pretrain.engine import shutdown, train
+from pretrain.engine import train
 from pretrain.model import Catalog, Recommender
 from pretrain.ranking import EvalOptions, evaluate_domain
 from shards.stream import SequenceStream
@@ -21,13 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 SASREC = REPO / "launch/configs/sasrec_id.toml"
 
 
-@pytest.fixture(autouse=True)
-def lone_process(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    yield
-    shutdown()
+pytestmark = pytest.mark.usefixtures("lone_process")
 
 
 def sasrec(folders: list[str], *more: str) -> TrainConfig:

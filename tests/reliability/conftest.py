@@ -3,4 +3,3 @@
 from reliability_support import pretrain_fixtures
 
 folders = pretrain_fixtures.folders
-one_thread = pretrain_fixtures.one_thread

@@ -1,7 +1,7 @@
 """Helpers of the reliability tests, taken from the test modules that own them (tests are not a
 package: they are loaded by path, once, under a private name).
 
-* ``tests/pretrain/conftest.py``: ``folders`` (two tiny built domains, once per session), ``one_thread``.
+* ``tests/pretrain/conftest.py``: ``folders`` (two tiny built domains, once per session).
 * ``tests/pretrain/test_engine.py``: ``config`` (the tiny config for an in-process run), ``clean_dist_env``.
 * ``tests/shards/conftest.py``: ``write_domain`` (a hand-written built domain, broken where asked).
 * ``tests/pretrain/test_evaluate.py``: ``tiny_config``, ``tiny_model`` (an untrained model for evaluation).

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import webdataset as wds
 from reliability_support import engine_tests, evaluate_tests, shard_fixtures
+from testutil import TINY, tiny_overrides
 
 from pretrain import checkpoint, evaluate
 from pretrain.__main__ import main
@@ -135,7 +136,7 @@ def test_a_shard_that_cannot_be_opened_is_an_error_naming_it(broken, tmp_path: P
     cfg = StreamConfig(batch_size=3, num_workers=0)
     with pytest.raises(ValueError, match=str(shard)):
         SequenceStream([broken.folder], cfg, rank=0, world_size=1)
-    argv = ["--config", str(engine_tests.TINY), *engine_tests.overrides([str(broken.folder)], tmp_path / "run")]
+    argv = ["--config", str(TINY), *tiny_overrides([str(broken.folder)], tmp_path / "run")]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"error: {shard}" in err and "Traceback" not in err, err[-2000:]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from reliability_support import engine_tests
+from testutil import TINY, tiny_overrides
 
 from pretrain.__main__ import main
 from shards.build import BuildOptions, build
@@ -49,7 +50,7 @@ def test_the_checkpointer_refuses_to_start_without_room(folders, tmp_path: Path,
     out = tmp_path / "run"
     fake_free(monkeypatch, 100_000, out)
     more = ["optim.max_steps=1", "optim.warmup_steps=0", "run.save_every=1", "data.valid_domains=[]"]
-    argv = ["--config", str(engine_tests.TINY), *engine_tests.overrides(folders, out, *more)]
+    argv = ["--config", str(TINY), *tiny_overrides(folders, out, *more)]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"error: not enough free space in {out / 'checkpoints'} for a checkpoint" in err, err[-2000:]

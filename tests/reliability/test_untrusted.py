@@ -17,6 +17,7 @@ import pytest
 import torch
 import webdataset as wds
 from reliability_support import engine_tests, shard_fixtures
+from testutil import TINY, tiny_overrides
 
 from pretrain import checkpoint, ranking
 from pretrain.__main__ import main
@@ -113,7 +114,7 @@ def test_a_pickle_planted_in_a_checkpoint_is_refused_before_it_runs(
     torch.save({"module": Payload(marker), "optimizer_state_dict": Payload(marker)}, path)
     _armed(marker, lambda: torch.load(path, weights_only=False))
 
-    argv = ["--config", str(engine_tests.TINY), *engine_tests.overrides(folders, out, "optim.max_steps=2", *common)]
+    argv = ["--config", str(TINY), *tiny_overrides(folders, out, "optim.max_steps=2", *common)]
     assert main([*argv, "--resume"]) == 2
     err = capsys.readouterr().err
     assert f"error: {path}: refused to load" in err and "Traceback" not in err, err[-2000:]

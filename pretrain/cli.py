@@ -1,0 +1,42 @@
+"""The command-line pieces that ``python -m pretrain``, ``python -m finetune`` and ``python -m finetune.scaling``
+share: the layered config arguments, the launcher's arguments, and logging."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def add_config_arguments(
+    p: argparse.ArgumentParser,
+    *,
+    files: str = "TOML (or saved JSON) config",
+    example: str = "",
+    keys: str = "section.field",
+    described: str = "every config key",
+) -> None:
+    """``--config FILE`` (repeatable, later files win), positional ``KEYS=value`` overrides (applied last) and
+    ``--help-config`` (describe ``described`` and exit)."""
+    example = f" ({example})" if example else ""
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help=f"{files}; repeat to layer files, later ones win{example}")  # fmt: skip
+    p.add_argument("overrides", nargs="*", metavar=f"{keys}=value", help="overrides, applied last")
+    p.add_argument("--help-config", action="store_true", help=f"describe {described} and exit")
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """``--resume``, ``--print-config`` and the ``--local_rank`` that the deepspeed launcher appends (accepted and
+    ignored: the rank comes from the environment)."""
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run.out_dir "
+                   "(same as run.resume=true; starts afresh when there is none yet)")  # fmt: skip
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+
+
+def setup_logging() -> None:
+    """INFO on rank 0 (RANK unset counts as 0), WARNING on the other ranks, with times."""
+    rank0 = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING, format=LOG_FORMAT, datefmt="%H:%M:%S")
