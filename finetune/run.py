@@ -118,6 +118,7 @@ def _log_prepared(cfg: TrainConfig, prepared: Prepared) -> None:
                  t.fresh)  # fmt: skip
     for part, row in prepared.params.items():
         log.info("  %-15s trainable %10d of %10d parameters", part, row["trainable"], row["total"])
+    _log_optim(cfg, prepared)
     for part, layers in prepared.lora.items():
         if not layers:
             default = part == "image" and cfg.finetune.lora_image_targets is None
@@ -125,6 +126,19 @@ def _log_prepared(cfg: TrainConfig, prepared: Prepared) -> None:
             log.info("  no LoRA on %s (%s)", part, why)
             continue
         log.info("  LoRA on %s: %d layers %s", part, len(layers), layers if len(layers) <= 8 else layers[:8] + ["..."])
+
+
+def _log_optim(cfg: TrainConfig, prepared: Prepared) -> None:
+    """The learning rates this run uses, beside the pretrained run's: optim is not inherited, and the encoders'
+    rate decides much of a short finetuning (ML-100K, 30 steps: encoder_lr 1e-3 gave twice the NDCG@10 of 5e-5)."""
+    o = cfg.optim
+    line = f"optim: lr {o.lr:g}, encoder_lr {'= lr' if o.encoder_lr is None else f'{o.encoder_lr:g}'}"
+    if prepared.source is not None:
+        before = read_export_config(prepared.source.path)["config"].get("optim", {})
+        enc = before.get("encoder_lr")
+        line += (f" (from this run's config; the pretrained run used lr {before.get('lr')}, encoder_lr "
+                 f"{'= lr' if enc is None else enc}: optim is not inherited)")  # fmt: skip
+    log.info(line)
 
 
 def finetune(cfg: TrainConfig) -> dict[str, Any]:

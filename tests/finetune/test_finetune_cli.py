@@ -4,6 +4,7 @@ decision, the summary and its logs, the ZeRO-3 save that gathers the adapter, an
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ def trained(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_early_stopping_keeps_the_best_and_resumes_into_the_same_stop(
-    pretrained, domains, tmp_path: Path, monkeypatch, lone_process
+    pretrained, domains, tmp_path: Path, monkeypatch, lone_process, caplog
 ) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -43,7 +44,12 @@ def test_early_stopping_keeps_the_best_and_resumes_into_the_same_stop(
     out = tmp_path / "run"
     args = argv(pretrained, domains, out, "lora", "optim.max_steps=10", "run.eval_every=1", "run.log_every=2",
                 "run.early_stop_patience=2", "run.save_every=100")  # fmt: skip
+    caplog.set_level(logging.INFO, logger="finetune.run")
     assert main(args) == 0
+    pretrained_optim = json.loads((pretrained / "config.json").read_text())["config"]["optim"]
+    optim_line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("optim:"))
+    assert optim_line.startswith("optim: lr 0.001, encoder_lr = lr (from this run's config")  # finetune's defaults
+    assert f"the pretrained run used lr {pretrained_optim['lr']}," in optim_line and "not inherited" in optim_line
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["early_stopped"] and summary["best"] == {"step": 2, "valid/ndcg@10": 0.3}
     assert (out / "checkpoints/latest").read_text().strip() == "step00000004"  # saved where it stopped
