@@ -84,3 +84,14 @@ def test_a_missing_domain_folder_is_a_clear_error(tmp_path, capsys) -> None:
     assert main(["--domains", str(tmp_path / "empty"), "--json", str(tmp_path / "out.json")]) == 2
     assert "has no manifest.json" in capsys.readouterr().err
     assert not (tmp_path / "out.json").exists()
+
+
+def test_memory_accounting_counts_each_byte_once() -> None:
+    from pretrain.zero_memory import _Spans
+
+    flat = torch.zeros(100)  # 400 bytes, e.g. a flat parameter buffer
+    views = [flat[:30], flat[20:60]]  # overlapping views of it: 60 floats
+    spans = _Spans()
+    assert spans.claim(views) == 60 * 4
+    assert spans.claim([flat]) == 40 * 4  # only what the views did not cover
+    assert spans.claim([flat[10:20]]) == 0 and spans.claim([torch.ones(3, dtype=torch.float64)]) == 24
