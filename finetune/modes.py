@@ -28,7 +28,8 @@ from typing import Any
 
 from torch import nn
 
-from pretrain.config import TrainConfig
+from pretrain.config import TrainConfig, from_dict
+from pretrain.encoders import Backbone
 from pretrain.model import Recommender
 
 log = logging.getLogger(__name__)
@@ -48,11 +49,12 @@ IMAGE_TARGETS = {"vit": ["q_proj", "v_proj"], "resnet": [], "convnext": []}
 versions named them query / value); ResNet and ConvNeXt have no attention, hence no default LoRA."""
 
 
-def mode_overrides(cfg: TrainConfig) -> dict[str, Any]:
-    """The config layer that finetune.mode implies: the item backbones' trainable part (``top_layers`` with
-    mode 'top'; no frozen-bottom cache with 'full', where nothing is frozen), and model.user.id_embeddings from
-    finetune.id_embeddings when set."""
-    ft = cfg.finetune
+def mode_overrides(table: dict[str, Any]) -> dict[str, Any]:
+    """The config layer that finetune.mode implies, from the merged config ``table`` (before it is checked, so that
+    e.g. model.text.cache_frozen=true is judged with the mode's frozen backbone): the item backbones' trainable part
+    (``top_layers`` with mode 'top'; no frozen-bottom cache with 'full', where nothing is frozen), and
+    model.user.id_embeddings from finetune.id_embeddings when set."""
+    ft = from_dict({"finetune": table.get("finetune", {})}).finetune
     encoder: dict[str, Any] = {"trainable": BACKBONE_TRAINABLE[ft.mode]}
     if ft.mode == "top":
         encoder["top_layers"] = ft.top_layers
@@ -130,9 +132,19 @@ def _check_targets(host: nn.Module, part: str, targets: Sequence[str]) -> list[s
     return [n for n in layers if any(_matches(n, t) for t in targets)]
 
 
+def _in_top_blocks(backbone: Backbone, names: list[str], k: int, part: str) -> list[str]:
+    """The layers of ``names`` (relative to ``backbone.model``) that lie in its last ``k`` blocks."""
+    blocks = backbone.family.blocks()
+    if k > len(blocks):
+        raise ValueError(f"finetune.lora_top_layers ({k}) exceeds the {len(blocks)} blocks of the {part} backbone")
+    top = {id(m) for block in blocks[len(blocks) - k :] for m in block.modules()}
+    return [n for n in names if id(backbone.model.get_submodule(n)) in top]
+
+
 def add_lora(model: Recommender, cfg: TrainConfig) -> dict[str, list[str]]:
     """Inject PEFT LoRA layers (adapter 'default') into each part's host module; returns the adapted layer names
-    per part. In a host, only the LoRA weights train afterwards (PEFT freezes the rest of it)."""
+    per part (full names in the host, which PEFT then matches exactly; finetune.lora_top_layers keeps those of the
+    item backbones' last blocks). In a host, only the LoRA weights train afterwards (PEFT freezes the rest of it)."""
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.lora import LoraLayer
 
@@ -143,8 +155,13 @@ def add_lora(model: Recommender, cfg: TrainConfig) -> dict[str, list[str]]:
             continue
         host = _lora_host(model, part)
         expected = _check_targets(host, part, targets)
+        if part != "user" and ft.lora_top_layers:
+            expected = _in_top_blocks(getattr(model, part).backbone, expected, ft.lora_top_layers, part)
+        if not expected:
+            adapted[part] = []
+            continue
         config = LoraConfig(r=ft.lora_rank, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout,
-                            target_modules=list(targets), bias="none")  # fmt: skip
+                            target_modules=expected, bias="none")  # fmt: skip
         inject_adapter_in_model(config, host)
         adapted[part] = [n for n, m in host.named_modules() if isinstance(m, LoraLayer)]
         assert adapted[part] == expected, (part, adapted[part], expected)  # PEFT adapted exactly what we checked

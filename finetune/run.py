@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from pretrain.config import TrainConfig, deep_merge, from_dict, load_config, to_dict
+from pretrain.config import TrainConfig, deep_merge, load_config
 from pretrain.model import Catalog, Recommender
 from shards.subset import catalog_id
 
@@ -60,7 +60,7 @@ def resolve_config(
         flags.append(f"finetune.mode={mode}")
     cli = [*flags, *overrides]
     if from_path is None:  # set in a file or an override: a first pass finds it (the pretrained layer lies below)
-        from_path = load_config(config_files, cli, base=DEFAULTS).finetune.from_path
+        from_path = load_config(config_files, cli, base=DEFAULTS, implied=mode_overrides).finetune.from_path
     if not from_path:
         raise ValueError("finetune.from_path is not set: pass --from PRETRAINED_EXPORT (a pretraining run's model/ "
                          "folder) or --from none (no pretraining)")  # fmt: skip
@@ -69,7 +69,7 @@ def resolve_config(
         pretrained = read_export_config(from_path)["config"]
         deep_merge(base, {"model": pretrained["model"], "data": {"stream": pretrained["data"]["stream"]},
                       "loss": pretrained["loss"]})  # fmt: skip
-    cfg = load_config(config_files, cli, base=base)
+    cfg = load_config(config_files, cli, base=base, implied=mode_overrides)
     if cfg.finetune.from_path != from_path:
         raise ValueError(f"--from {from_path} and finetune.from_path={cfg.finetune.from_path} disagree: give one")
     if not cfg.data.domains:
@@ -78,7 +78,7 @@ def resolve_config(
         raise ValueError(f"loss.content_id ({cfg.loss.content_id}, from the pretrained run or your config) needs "
                          "item-ID embeddings, which finetune.id_embeddings=false drops: set loss.content_id=0, or "
                          "finetune.id_embeddings=true")  # fmt: skip
-    return from_dict(deep_merge(to_dict(cfg), mode_overrides(cfg)))
+    return cfg
 
 
 # ---- the run ----------------------------------------------------------------------------------------------

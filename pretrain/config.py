@@ -25,7 +25,7 @@ import textwrap
 import tomllib
 import types
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Union
@@ -564,9 +564,13 @@ class FinetuneConfig(_Section):
     ConvNeXt [] (no attention; conv layers may be named explicitly, e.g. ['convolution'])."""
     lora_user_targets: list[str] | None = None
     """The same for the user encoder; none: ['q_proj', 'k_proj', 'v_proj', 'o_proj'] (its attention)."""
+    lora_top_layers: int = 0
+    """With mode='lora': LoRA only in the last lora_top_layers blocks of each item backbone (0: in every block).
+    The blocks below stay frozen, so with model.*.cache_frozen they run once per item instead of at every step."""
 
     def _validate(self) -> None:
         _at_least(self, 1, "top_layers", "lora_rank")
+        _at_least(self, 0, "lora_top_layers")
         _fraction(self, "lora_dropout")
         _check(self.lora_alpha > 0, "finetune.lora_alpha", f"must be > 0, got {self.lora_alpha!r}")
         for name in ("lora_text_targets", "lora_image_targets", "lora_user_targets"):
@@ -970,9 +974,11 @@ def load_config(
     overrides: Sequence[str] = (),
     base: Mapping[str, Any] | None = None,
     root: type = TrainConfig,
+    implied: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
 ) -> Any:
     """Defaults < ``base`` < each file of ``paths`` in order (TOML, or JSON as :func:`save_config` writes) <
-    ``overrides`` ('section.field=value', the value a TOML literal or else a plain string). ``base`` is a
+    ``overrides`` ('section.field=value', the value a TOML literal or else a plain string) < ``implied(table)``, a
+    layer derived from the merged table (finetune's mode), merged before anything is checked. ``base`` is a
     (partial) table such as :func:`to_dict` gives: finetune's sections inherited from the pretrained run.
     ``root``: the schema (another tree of dataclasses, e.g. the scaling study's, follows the same rules)."""
     if paths is None:
@@ -991,6 +997,8 @@ def load_config(
         layer = _override_layer(item, root)
         _check_layer(layer, root, "", f"command-line override {item!r}")
         deep_merge(merged, layer)
+    if implied is not None:
+        deep_merge(merged, implied(merged))
     return _build(root, merged, "")
 
 

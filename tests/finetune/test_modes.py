@@ -120,6 +120,23 @@ def test_lora_adapts_the_attention_and_trains_the_heads(pretrained, domains) -> 
     assert lora and all(lr_of[id(p)] == 1e-3 for p in lora)
 
 
+def test_lora_in_the_top_blocks_leaves_a_frozen_bottom_to_cache(pretrained, domains) -> None:
+    cfg = resolved(pretrained, domains, "lora", "finetune.lora_top_layers=1", "model.text.cache_frozen=true")
+    model, prep = prepared(cfg)
+    assert prep.lora["text"] == ["encoder.layer.1.attention.self.query", "encoder.layer.1.attention.self.value"]
+    assert prep.lora["user"] == [f"blocks.{i}.attn.{t}_proj" for i in range(2) for t in "qkvo"]  # all of it
+    backbone = model.text.backbone
+    assert backbone.frozen_split() == len(backbone.stages()) - 1  # stem and block 0 frozen: the cached bottom
+    batch = first_batch(cfg)
+    train_step(model, batch)
+    cached = len(backbone.cache)
+    assert cached > 0 and backbone.cache.misses == cached
+    train_step(model, batch)  # the same items again: bottom outputs from the cache, only block 1 runs
+    assert len(backbone.cache) == cached and backbone.cache.hits >= cached
+    with pytest.raises(ValueError, match=r"finetune\.lora_top_layers \(3\) exceeds the 2 blocks of the text"):
+        prepared(resolved(pretrained, domains, "lora", "finetune.lora_top_layers=3"))
+
+
 def test_fresh_id_embeddings_train_in_any_mode(pretrained, domains) -> None:
     model, prep = prepared(resolved(pretrained, domains, "adapter", "finetune.id_embeddings=true"))
     assert model.ids is not None and model.ids.weight.shape == (40, 32) and model.ids.weight.requires_grad
