@@ -78,6 +78,14 @@ def image_field(position: int) -> str:
     return f"img{position:04d}.jpg"
 
 
+_IMAGE_FIELD = re.compile(r"img\d{4}\.jpg")
+
+
+def is_image_field(field: str) -> bool:
+    """Whether ``field`` (a tar member's extension) is an item image of a sequence sample (:func:`image_field`)."""
+    return _IMAGE_FIELD.fullmatch(field) is not None
+
+
 def check_key(key: str) -> str:
     """Reject keys WebDataset would split or mangle (a dot breaks its grouping of members)."""
     if not _KEY_RE.match(key):
@@ -218,8 +226,10 @@ def decode_item(raw: Mapping[str, Any]) -> Item:
     return Item(index=index, id=item_id, text=text, image=None if image is None else bytes(image))
 
 
-def decode_seq(raw: Mapping[str, Any]) -> Sequence:
-    """A :class:`Sequence` from a raw WebDataset sample of a seqs shard (raises :class:`SampleError`)."""
+def decode_seq(raw: Mapping[str, Any], images: bool = True) -> Sequence:
+    """A :class:`Sequence` from a raw WebDataset sample of a seqs shard (raises :class:`SampleError`).
+    ``images=False``: the sample was read without its image members (a stream for a model without content):
+    no item gets image bytes, and none is required."""
     where = (_source(raw), str(raw.get("__key__", "?")))
     meta = _load_json(raw)
     index = _typed(meta, "index", (int,), where)
@@ -231,8 +241,8 @@ def decode_seq(raw: Mapping[str, Any]) -> Sequence:
             raise SampleError(*where, f"items[{pos}]", "not a JSON object")
         i_index, i_id, text = _decode_item_meta(entry, where, prefix=f"items[{pos}].")
         has_image = _typed(entry, "image", (bool,), where, f"items[{pos}].")
-        image = raw.get(image_field(pos)) if has_image else None
-        if has_image and not isinstance(image, (bytes, bytearray)):
+        image = raw.get(image_field(pos)) if has_image and images else None
+        if has_image and images and not isinstance(image, (bytes, bytearray)):
             raise SampleError(*where, image_field(pos), "declared in items but missing from the sample")
         items.append(Item(index=i_index, id=i_id, text=text, image=None if image is None else bytes(image)))
     positions = _typed(meta, "seq", (list,), where)

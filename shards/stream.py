@@ -159,22 +159,24 @@ class _SampleRange:
 
     Members of earlier samples are passed over unextracted: the tar stream reads through them, nothing is copied
     or decoded. The first member of sample ``stop`` is let through: it is what makes wds hand over ``stop - 1``.
+    ``images=False`` passes over the item images too (a model without content reads the JSON only).
     """
 
-    def __init__(self, start: int, stop: int) -> None:
-        self.start, self.stop = start, stop
+    def __init__(self, start: int, stop: int, images: bool = True) -> None:
+        self.start, self.stop, self.images = start, stop, images
         self.index, self.key = -1, None
 
     def __call__(self, fname: str) -> bool:
-        key = base_plus_ext(fname)[0]  # what wds groups members by
+        key, ext = base_plus_ext(fname)  # what wds groups members by
         if key is not None and key != self.key:
             self.index, self.key = self.index + 1, key
-        return self.start <= self.index <= self.stop
+        return self.start <= self.index <= self.stop and (self.images or not schema.is_image_field(ext or ""))
 
 
-def _read_slice(piece: ShardSlice, handler: TarErrors) -> Iterator[dict[str, Any]]:
-    """The raw samples of ``piece`` (fewer if the shard is short or unreadable)."""
-    selected = _SampleRange(piece.start, piece.stop)
+def _read_slice(piece: ShardSlice, handler: TarErrors, images: bool = True) -> Iterator[dict[str, Any]]:
+    """The raw samples of ``piece`` (fewer if the shard is short or unreadable); without their item images when
+    not ``images``."""
+    selected = _SampleRange(piece.start, piece.stop, images)
     samples = wds.tarfile_samples([{"url": piece.url}], handler=handler, select_files=selected)
     with contextlib.closing(samples):  # stopping early closes the shard now, not whenever it is collected
         for sample in samples:
@@ -188,24 +190,24 @@ def _read_slice(piece: ShardSlice, handler: TarErrors) -> Iterator[dict[str, Any
 class _RawSamples:
     """Pipeline source: the raw samples of a list of sample ranges, in order."""
 
-    def __init__(self, pieces: Sequence[ShardSlice], handler: TarErrors) -> None:
-        self.pieces, self.handler = pieces, handler
+    def __init__(self, pieces: Sequence[ShardSlice], handler: TarErrors, images: bool = True) -> None:
+        self.pieces, self.handler, self.images = pieces, handler, images
 
     def __call__(self) -> Iterator[dict[str, Any]]:
         for piece in self.pieces:
-            yield from _read_slice(piece, self.handler)
+            yield from _read_slice(piece, self.handler, self.images)
 
 
 class _Decode:
     """Raw sample -> (domain, schema.Sequence, source); None (dropped by wds.map) for a sample that breaks the
     schema (``bad_samples``). An item text that is empty or blank is taken as no text (``empty_texts``)."""
 
-    def __init__(self, domain_of_url: dict[str, int], counts: Counter) -> None:
-        self.domain_of_url, self.counts = domain_of_url, counts
+    def __init__(self, domain_of_url: dict[str, int], counts: Counter, images: bool = True) -> None:
+        self.domain_of_url, self.counts, self.images = domain_of_url, counts, images
 
     def __call__(self, raw: dict[str, Any]) -> tuple[int, schema.Sequence, str] | None:
         try:
-            seq = schema.decode_seq(raw)
+            seq = schema.decode_seq(raw, self.images)
         except schema.SampleError as e:
             self.counts["bad_samples"] += 1
             warn_once(log, ("sample", e.shard, e.key), "skipping bad sample: %s", e)
@@ -273,9 +275,10 @@ class _Passes:
         bufsize = self.cfg.shuffle_buffer
         return wds.DataPipeline(
             # sliced before the shuffle: the buffer only ever holds this slot's samples
-            _RawSamples(pieces, TarErrors(sorted({p.url for p in pieces}), self.counts)),
+            # a model without content (data.stream.item_content = false) reads no item image
+            _RawSamples(pieces, TarErrors(sorted({p.url for p in pieces}), self.counts), self.cfg.item_content),
             wds.shuffle(bufsize, bufsize, rng=random.Random(f"momrec-shuffle:{self.key}:{n}")) if bufsize else None,
-            wds.map(_Decode({s.url: s.domain for s in self.everything}, self.counts)),
+            wds.map(_Decode({s.url: s.domain for s in self.everything}, self.counts, self.cfg.item_content)),
         )
 
 

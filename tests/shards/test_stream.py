@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -297,6 +298,29 @@ def test_read_slice_gives_exactly_its_samples(make_domain) -> None:
         for stop in range(start + 1, 12):
             assert read_keys(shard, start, stop, counts) == [schema.user_key(u) for u in range(start, stop)]
     assert not counts
+
+
+def test_a_stream_without_content_reads_no_image_and_gives_the_same_sequences(two_domains: list[Domain]) -> None:
+    shard = two_domains[0].folder / schema.shard_name("seqs", 0)
+    ref = plan_module.ShardRef(0, str(shard), 4)
+    whole = list(_read_slice(plan_module.ShardSlice(ref, 0, 4), _TarErrors([], Counter())))
+    lean = list(_read_slice(plan_module.ShardSlice(ref, 0, 4), _TarErrors([], Counter()), images=False))
+    assert [r["__key__"] for r in lean] == [r["__key__"] for r in whole]
+    assert any(schema.is_image_field(f) for r in whole for f in r)  # the shard has item images ...
+    assert not any(schema.is_image_field(f) for r in lean for f in r)  # ... that were not read
+    with pytest.raises(schema.SampleError, match="declared in items but missing"):
+        schema.decode_seq(lean[0])
+    for a, b in zip(whole, lean, strict=True):
+        full, ids_only = schema.decode_seq(a), schema.decode_seq(b, images=False)
+        assert ids_only.seq == full.seq and [i.index for i in ids_only.items] == [i.index for i in full.items]
+        assert all(i.image is None for i in ids_only.items)
+    cfg = small_cfg(num_workers=0, shuffle_buffer=0, max_seq_len=50)
+    with_content = list(SequenceStream([str(d.folder) for d in two_domains], cfg))
+    without = list(SequenceStream([str(d.folder) for d in two_domains], dataclasses.replace(cfg, item_content=False)))
+    assert len(without) == len(with_content) > 0
+    for a, b in zip(with_content, without, strict=True):
+        assert users(a) == users(b) and torch.equal(a.seq, b.seq) and torch.equal(a.item_index, b.item_index)
+        check_against_truth(b, two_domains, cfg)
 
 
 def test_read_slice_of_a_cut_shard_is_consistent(make_domain) -> None:
