@@ -273,9 +273,10 @@ def held_out_users(
         path = Path(folder) / info.name
         if not path.is_file():
             raise InputError(f"{path}: listed in the manifest but missing")
-        for raw in read_shard(path, TarErrors([str(path)], counts)):
+        # only item indices are held out: the item images are passed over unextracted
+        for raw in read_shard(path, TarErrors([str(path)], counts), lambda name: not schema.is_image_member(name)):
             try:
-                seq = schema.decode_seq(raw)
+                seq = schema.decode_seq(raw, images=False)
             except schema.SampleError as e:
                 counts["bad_samples"] += 1
                 warn_once(log, ("eval-sample", e.shard, e.key), "skipping bad sample: %s", e)

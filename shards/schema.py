@@ -86,6 +86,11 @@ def is_image_field(field: str) -> bool:
     return _IMAGE_FIELD.fullmatch(field) is not None
 
 
+def is_image_member(name: str) -> bool:
+    """Whether the tar member ``name`` (``user00000007.img0000.jpg``) is an item image of a sequence sample."""
+    return is_image_field(name.rpartition("/")[2].partition(".")[2])
+
+
 def check_key(key: str) -> str:
     """Reject keys WebDataset would split or mangle (a dot breaks its grouping of members)."""
     if not _KEY_RE.match(key):
