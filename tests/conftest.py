@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from testutil import lone_env
+
+from tests.testutil import lone_env
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Helpers that test folders share (tests/ is on sys.path: pytest puts the folder of tests/conftest.py there).
+"""Helpers that test folders share (``from tests.testutil import ...``).
 
 * :func:`lone_env`: the environment of one in-process run (no launcher variables, DeepSpeed on the CPU, offline).
 * :func:`tiny_overrides`: the overrides that make launch/configs/tiny.toml fast on given folders.

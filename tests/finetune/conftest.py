@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from testutil import TINY, lone_env, tiny_overrides
 
 from shards.build import BuildOptions, build
 from shards.synth import synthesize
+from tests.testutil import TINY, lone_env, tiny_overrides
 
 
 @pytest.fixture(scope="session")

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from testutil import REPO, TINY, tiny_overrides
 
 from pretrain import checkpoint
 from pretrain.__main__ import main
 from pretrain.config import TrainConfig, load_config
 from pretrain.engine import lr_factor, param_groups, train
 from pretrain.model import Catalog, Recommender
+from tests.testutil import REPO, TINY, tiny_overrides
 
 
 @pytest.fixture(autouse=True)

@@ -15,13 +15,13 @@ from types import SimpleNamespace
 import pytest
 import webdataset as wds
 from reliability_support import engine_tests, evaluate_tests, shard_fixtures
-from testutil import TINY, tiny_overrides
 
 from pretrain import checkpoint, evaluate
 from pretrain.__main__ import main
 from shards import schema
 from shards.inspect import read_shard
 from shards.stream import SequenceStream, StreamConfig
+from tests.testutil import TINY, tiny_overrides
 
 clean_dist_env = engine_tests.clean_dist_env  # autouse here too: in-process runs leave no launcher variables
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 from reliability_support import engine_tests
-from testutil import TINY, tiny_overrides
 
 from pretrain.__main__ import main
 from shards.build import BuildOptions, build
 from shards.errors import InputError
 from shards.synth import synthesize
+from tests.testutil import TINY, tiny_overrides
 
 clean_dist_env = engine_tests.clean_dist_env  # autouse here too: in-process runs leave no launcher variables
 Usage = namedtuple("Usage", "total used free")
