@@ -146,3 +146,18 @@ def test_an_unknown_mode_is_an_argparse_error(capsys) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["--mode", "peft"])
     assert exit_.value.code == 2 and "invalid choice: 'peft'" in capsys.readouterr().err
+
+
+def test_the_mode_benchmark_times_every_mode_side_by_side(pretrained, domains, capsys, lone_process) -> None:
+    from finetune.bench import main as bench
+
+    argv = ["--from", str(pretrained), "--data", *domains["target"], "--steps", "2", "--modes", "full", "lora",
+            "lora_top1", "adapter"]  # fmt: skip
+    assert bench(argv) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert list(rows) == ["full", "lora", "lora_top1", "adapter"]
+    trainable = {mode: int(row[1].replace(",", "")) for mode, row in rows.items()}
+    assert trainable["full"] > trainable["lora"] > trainable["lora_top1"] > trainable["adapter"] > 0
+    assert rows["full"][-1] == "1.00x"
+    assert bench([*argv[:-4], "lora_topx"]) == 2
+    assert "unknown mode 'lora_topx'" in capsys.readouterr().err
