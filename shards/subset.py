@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -75,11 +74,7 @@ def _raw_samples(folder: Path, manifest: schema.Manifest, fields: tuple[str, ...
 
 
 def _json_id(raw: dict[str, Any]) -> str:
-    # the ids pass reads only the json member: decode_seq would miss the images it declares
-    meta = json.loads(bytes(raw["json"]).decode("utf-8"))
-    if not isinstance(meta, dict) or not isinstance(meta.get("id"), str):
-        raise schema.SampleError(str(raw.get("__url__")), str(raw.get("__key__")), "id", "missing or not a string")
-    return meta["id"]
+    return schema.decode_seq(raw, images=False).id  # the ids pass reads only the json member
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
