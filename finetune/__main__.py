@@ -29,6 +29,8 @@ modes (--mode, finetune.mode):
             k_proj, v_proj, o_proj; plus pooling, projections and fusion. ResNet and ConvNeXt have no attention:
             no LoRA there by default, the image encoder trains its projection only (conv layers can be named in
             finetune.lora_image_targets). Every named target must match a layer, else it is an error.
+            finetune.lora_top_layers=K: LoRA in the last K blocks of each item backbone only, so the frozen blocks
+            below run once per item (model.*.cache_frozen) instead of at every step
   adapter   only pooling, projections and fusion (MISSRec's adapters); backbones and user encoder frozen
   top       the finetune.top_layers last blocks of each item backbone (TransRec) and everything outside them
 With finetune.id_embeddings=true every mode also trains fresh item-ID embeddings of the target catalog. The mode
@@ -36,7 +38,8 @@ sets model.text.trainable and model.image.trainable (so they are not set by hand
 are printed at the start.
 
 config: the pretrained run's model, data.stream and loss sections, then --config files, then --from/--data/--mode,
-then section.field=value overrides (finetune defaults: run.out_dir=runs/finetune, run.keep_best=true). With --from
+then section.field=value overrides (finetune defaults: run.out_dir=runs/finetune, run.keep_best=true). optim is
+not inherited: the learning rates are this run's (default lr 1e-3 everywhere); the log shows both runs'. With --from
 none the architecture comes from the files: give the preset the pretraining used (a pretraining run's config.json
 works too, but brings its run and optim sections along).
 
