@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=2020)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--keep-pop-bug", action="store_true", help="run RecBole's Pop as shipped (see above)")
+    p.add_argument("--raw-timestamps", action="store_true", help="give RecBole the raw timestamps, which it ties "
+                   "in float32 (see dataset_folder); by default they become their exact dense ranks")  # fmt: skip
     p.add_argument("--workdir", type=Path, default=Path("runs/peers/recbole"), help="RecBole's data and log folder")
     p.add_argument("--out", type=Path, required=True, help="results JSON")
     p.add_argument("--momrec", type=Path, help="a `python -m pretrain.evaluate --out` JSON of the same split: print "
@@ -72,16 +74,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def dataset_folder(inter: Path, workdir: Path) -> Path:
-    """``workdir/ml-100k/ml-100k.inter`` as a link to ``inter`` (RecBole reads ``data_path/<name>/<name>.inter``)."""
+DATASET = "movielens-100k"
+"""RecBole's name for the dataset: not 'ml-100k', for which RecBole 1.2.1 silently reads its bundled copy instead
+of data_path (Config._set_default_parameters)."""
+
+
+def dataset_folder(inter: Path, workdir: Path, raw_timestamps: bool) -> Path:
+    """``workdir/DATASET/DATASET.inter`` (RecBole reads ``data_path/<name>/<name>.inter``): a link to ``inter``
+    with ``raw_timestamps``; else a copy whose timestamps are replaced by their dense rank (equal times keep equal
+    ranks). RecBole holds timestamps as float32, whose spacing near ML-100K's 8.9e8 s is 64 s (and about 1 s after
+    its min-max normalisation), so the raw column ties interactions that are seconds apart; ranks up to 1e5 are
+    exact in float32, and the order, ties included, is the one momrec sorts by."""
     if not inter.is_file():
         raise SystemExit(f"error: {inter}: no such file (the RecBole atomic file ml-100k.inter)")
-    folder = workdir / "ml-100k"
+    folder = workdir / DATASET
     folder.mkdir(parents=True, exist_ok=True)
-    link = folder / "ml-100k.inter"
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(inter.resolve())
+    out = folder / f"{DATASET}.inter"
+    if out.is_symlink() or out.exists():
+        out.unlink()
+    if raw_timestamps:
+        out.symlink_to(inter.resolve())
+        return workdir
+    lines = inter.read_text(encoding="utf-8").splitlines()
+    header = lines[0].split("\t")
+    if "timestamp:float" not in header:
+        raise SystemExit(f"error: {inter}:1: no 'timestamp:float' column in the header {header}")
+    col = header.index("timestamp:float")
+    rows = [line.split("\t") for line in lines[1:] if line.strip()]
+    rank = {t: r for r, t in enumerate(sorted({float(row[col]) for row in rows}))}
+    for row in rows:
+        row[col] = str(rank[float(row[col])])
+    out.write_text("\n".join("\t".join(r) for r in [header, *rows]) + "\n", encoding="utf-8")
     return workdir
 
 
@@ -107,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.model == "Pop" and not args.keep_pop_bug:
         Pop.calculate_loss = pop_loss_counting_every_interaction
-    data_path = dataset_folder(args.inter, args.workdir)
+    data_path = dataset_folder(args.inter, args.workdir, args.raw_timestamps)
     os.chdir(args.workdir)  # RecBole writes log/ and log_tensorboard/ into the working directory
     epochs = 1 if args.model == "Pop" else args.epochs  # Pop's ranking is final after one pass
     settings = {
@@ -123,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         "metrics": ["Hit", "NDCG", "MRR"], "topk": KS, "valid_metric": "NDCG@10", "eval_batch_size": 4096,
     }  # fmt: skip
     sys.argv = sys.argv[:1]  # RecBole's Config parses sys.argv too
-    config = Config(model=args.model, dataset="ml-100k", config_dict=settings)
+    config = Config(model=args.model, dataset=DATASET, config_dict=settings)
+    if Path(config["data_path"]).resolve() != (data_path / DATASET).resolve():
+        raise SystemExit(f"error: RecBole reads {config['data_path']}, not {data_path / DATASET}")
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     dataset = create_dataset(config)
@@ -149,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     valid = trainer.evaluate(valid_data, load_best_model=False, show_progress=False)
     result = {
         "peer": "recbole", "model": args.model, "pop_fix": args.model == "Pop" and not args.keep_pop_bug,
+        "timestamps": "raw" if args.raw_timestamps else "dense ranks",
         "settings": settings, "users": int(dataset.user_num - 1), "items": int(dataset.item_num - 1),
         "interactions": int(dataset.inter_num), "best_epoch": best["epoch"], "epochs_run": len(curve),
         "train_s": train_s, "curve": curve,
