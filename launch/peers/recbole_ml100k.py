@@ -3,8 +3,9 @@
 Runs in its own environment (RecBole pins old numpy/ray APIs and is not a momrec dependency): launch/peers/recbole.sh
 makes it and calls this file. The protocol matches ``python -m pretrain.evaluate`` on shards built from the same
 ``ml-100k.inter``: leave-one-out by time (RecBole ``LS valid_and_test``, ``order TO``, stable sort: ties keep file
-order, as momrec's builder), full ranking of every item, the user's history masked, HR/NDCG/MRR at 1/5/10/20/50, and
-the test metrics of the best-validation epoch.
+order, as momrec's builder; the timestamps are given as their dense ranks, see :func:`dataset_folder`), full ranking
+of every item, the user's history masked, HR/NDCG/MRR at 1/5/10/20/50, and the test metrics of the best-validation
+epoch. The dataset is named ``movielens-100k``: under the name ``ml-100k`` RecBole reads its own bundled copy.
 
 Two models:
 
