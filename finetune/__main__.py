@@ -59,6 +59,22 @@ Every config key, with its type, default and meaning: python -m finetune --help-
 _OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
 
 
+def add_source_arguments(p: argparse.ArgumentParser, required: bool = False) -> None:
+    """``--from`` (the pretrained export, or none) and ``--data`` (the target folders); see :func:`split_data`."""
+    p.add_argument("--from", dest="source", metavar="PRETRAINED_EXPORT|none", required=required, help="a "
+                   "pretraining run's model/ folder, or 'none': no pretraining (finetune.from_path)")  # fmt: skip
+    p.add_argument("--data", nargs="+", metavar="SHARDS", required=required, help="built target domain folders "
+                   "(data.domains); they are also the validation domains")  # fmt: skip
+
+
+def split_data(args: argparse.Namespace) -> argparse.Namespace:
+    """``--data a b x.y=1``: the greedy --data also took the overrides that followed it; give them back."""
+    if args.data:
+        args.overrides = [*(d for d in args.data if _OVERRIDE.match(d)), *args.overrides]
+        args.data = [d for d in args.data if not _OVERRIDE.match(d)]
+    return args
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m finetune",
@@ -66,18 +82,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--from", dest="source", metavar="PRETRAINED_EXPORT|none", help="a pretraining run's model/ "
-                   "folder, or 'none': no pretraining (finetune.from_path)")  # fmt: skip
-    p.add_argument("--data", nargs="+", metavar="SHARDS", help="built target domain folders (data.domains); they are "
-                   "also the validation domains")  # fmt: skip
+    add_source_arguments(p)
     p.add_argument("--mode", choices=["full", "lora", "adapter", "top"], help="what trains (finetune.mode)")
     add_config_arguments(p)
     add_run_arguments(p)
-    args = p.parse_intermixed_args(argv)
-    if args.data:  # `--data a b x.y=1`: the greedy --data also took the overrides that followed it
-        args.overrides = [*(d for d in args.data if _OVERRIDE.match(d)), *args.overrides]
-        args.data = [d for d in args.data if not _OVERRIDE.match(d)]
-    return args
+    return split_data(p.parse_intermixed_args(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,6 +22,8 @@ import torch
 
 from pretrain.cli import add_config_arguments
 
+from .__main__ import add_source_arguments, split_data
+
 MODES = ("full", "top", "adapter", "lora")
 _LORA_TOP = re.compile(r"lora_top(\d+)")
 
@@ -83,14 +85,13 @@ def report(rows: list[dict[str, Any]]) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m finetune.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--from", dest="source", required=True, metavar="PRETRAINED_EXPORT|none")
-    p.add_argument("--data", nargs="+", required=True, metavar="SHARDS", help="built target domain folders")
+    add_source_arguments(p, required=True)
     p.add_argument("--modes", nargs="+", default=["full", "top", "adapter", "lora", "lora_top1"],
                    help="modes to compare; lora_topK = lora with finetune.lora_top_layers=K")  # fmt: skip
     p.add_argument("--steps", type=int, default=6, help="training steps per mode (>= 2: the first is reported apart)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     add_config_arguments(p)
-    return p.parse_intermixed_args(argv)
+    return split_data(p.parse_intermixed_args(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

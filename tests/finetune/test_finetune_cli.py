@@ -161,3 +161,10 @@ def test_the_mode_benchmark_times_every_mode_side_by_side(pretrained, domains, c
     assert rows["full"][-1] == "1.00x"
     assert bench([*argv[:-4], "lora_topx"]) == 2
     assert "unknown mode 'lora_topx'" in capsys.readouterr().err
+
+
+def test_the_benchmark_gives_overrides_after_data_back_to_the_overrides() -> None:
+    from finetune.bench import parse_args
+
+    args = parse_args(["--from", "none", "--data", "a", "b", "optim.lr=0.1", "--steps", "3"])
+    assert args.data == ["a", "b"] and args.overrides == ["optim.lr=0.1"] and args.steps == 3
