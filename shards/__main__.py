@@ -47,7 +47,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type, choices: dict[str, S
         elif f.type.startswith("tuple[float"):
             kw.update(type=float, nargs=len(default), metavar="X")
         else:
-            kw["type"] = int if f.type == "int" else float if f.type == "float" else str
+            kind = f.type.removesuffix(" | None")  # None: the default is chosen later (the help says how)
+            kw["type"] = int if kind == "int" else float if kind == "float" else str
         if f.name in choices:
             kw["choices"] = list(choices[f.name])
         parser.add_argument("--" + f.name.replace("_", "-"), **kw)
@@ -59,7 +60,7 @@ def options_from(args: argparse.Namespace, cls: type) -> Any:
 
 def _add_build(sub: argparse._SubParsersAction) -> None:
     from .build import BuildOptions
-    from .formats import FORMATS
+    from .formats import AUTO, FORMATS
 
     p = sub.add_parser(
         "build",
@@ -70,7 +71,7 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder (created atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_options(p, BuildOptions, {"format": sorted(FORMATS)})
+    add_options(p, BuildOptions, {"format": [AUTO, *sorted(FORMATS)]})
 
 
 def _add_stream(sub: argparse._SubParsersAction) -> None:

@@ -10,6 +10,7 @@ renamed into place only when everything is written and checksummed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -26,7 +27,7 @@ import webdataset as wds
 
 from . import __version__, schema
 from .errors import InputError, Skips
-from .formats import RawItem, open_reader
+from .formats import AUTO, RawItem, detect, open_reader
 from .images import ImageError, reencode_file
 from .progress import bar as progress_bar
 from .text import Template, TemplateError
@@ -38,16 +39,18 @@ log = logging.getLogger(__name__)
 class BuildOptions:
     """How a domain is turned into shards (saved in the manifest under ``options``)."""
 
-    format: str = "generic"
-    """Source layout of the input folder."""
+    format: str = "auto"
+    """Source layout of the input folder ('auto': told from its file names)."""
     domain: str | None = None
     """Domain name recorded in the manifest (default: the input folder's name)."""
-    min_user_interactions: int = 5
-    """k-core: users with fewer interactions are dropped (at least 3: a training item plus two targets)."""
-    min_item_interactions: int = 1
-    """k-core: items with fewer interactions are dropped (filtering repeats until both bounds hold)."""
-    max_seq_len: int = 50
-    """Only each user's most recent interactions are kept (applied before the k-core filter)."""
+    min_user_interactions: int | None = None
+    """k-core: users with fewer interactions are dropped (at least 3: a training item plus two targets). Default:
+    5, or 3 for a published split (unisrec, lcrec), which is not re-filtered."""
+    min_item_interactions: int | None = None
+    """k-core: items with fewer interactions are dropped (filtering repeats until both bounds hold). Default: 1."""
+    max_seq_len: int | None = None
+    """Only each user's most recent interactions are kept (applied before the k-core filter). Default: 50, or
+    every interaction for a published split."""
     image_size: int = 224
     """Longest side of the re-encoded JPEGs, in pixels (smaller images are not enlarged)."""
     jpeg_quality: int = 90
@@ -62,12 +65,12 @@ class BuildOptions:
     """Processes re-encoding images."""
 
     def __post_init__(self) -> None:
-        if self.min_user_interactions < schema.MIN_SEQ_LEN:
+        if self.min_user_interactions is not None and self.min_user_interactions < schema.MIN_SEQ_LEN:
             raise InputError(f"min_user_interactions must be at least {schema.MIN_SEQ_LEN} (train item + 2 targets)")
-        if self.min_item_interactions < 1:
+        if self.min_item_interactions is not None and self.min_item_interactions < 1:
             raise InputError("min_item_interactions must be at least 1")
-        if self.max_seq_len < self.min_user_interactions:
-            raise InputError("max_seq_len must be at least min_user_interactions")
+        if self.max_seq_len is not None and self.max_seq_len < (self.min_user_interactions or schema.MIN_SEQ_LEN):
+            raise InputError("max_seq_len must be at least min_user_interactions (and 3)")
         for name, low, high in (("image_size", 8, 4096), ("jpeg_quality", 1, 100), ("samples_per_shard", 1, 10**7)):
             if not low <= getattr(self, name) <= high:
                 raise InputError(f"{name} must be in [{low}, {high}], got {getattr(self, name)}")
@@ -75,6 +78,15 @@ class BuildOptions:
             raise InputError("workers must be at least 1")
         if self.domain is not None:
             _check_domain_name(self.domain)
+
+    def filtering(self, published_split: bool) -> BuildOptions:
+        """These options with the filter defaults filled in: a published split is kept as it is unless asked."""
+        return dataclasses.replace(
+            self,
+            min_user_interactions=self.min_user_interactions or (schema.MIN_SEQ_LEN if published_split else 5),
+            min_item_interactions=self.min_item_interactions or 1,
+            max_seq_len=self.max_seq_len or (None if published_split else 50),
+        )
 
 
 def _check_domain_name(name: str) -> str:
@@ -156,13 +168,15 @@ def _read_sequences(interactions: Iterable, cat: _Catalog, skips: Skips) -> tupl
     return users, bool(timed)
 
 
-def _order_and_truncate(users: dict[str, Events], max_len: int) -> int:
-    """Sort each user's events by time, keep the newest ``max_len``; returns how many were dropped."""
+def _order_and_truncate(users: dict[str, Events], max_len: int | None) -> int:
+    """Sort each user's events by time, keep the newest ``max_len`` (None: all); returns how many were dropped."""
     dropped = 0
     for events in users.values():
         order = sorted(range(len(events)), key=events.times.__getitem__)  # stable: equal times keep file order
-        dropped += max(0, len(order) - max_len)
-        events.keep(order[-max_len:])
+        if max_len is not None:
+            dropped += max(0, len(order) - max_len)
+            order = order[-max_len:]
+        events.keep(order)
     return dropped
 
 
@@ -303,7 +317,12 @@ def build(
     if out_dir.exists() and not overwrite:
         raise InputError(f"output folder {out_dir} exists; pass --overwrite to replace it")
     domain = opts.domain or _check_domain_name(input_dir.resolve().name)
+    if opts.format == AUTO:
+        opts = dataclasses.replace(opts, format=detect(input_dir))
+        log.info("%s: format %s", input_dir, opts.format)
     reader = open_reader(opts.format, input_dir, images=opts.images, progress=progress)
+    published = getattr(reader, "published_split", False)
+    opts = opts.filtering(published)
     try:
         template = Template.parse(opts.text_template if opts.text_template is not None else reader.default_template)
     except TemplateError as e:
@@ -315,6 +334,7 @@ def build(
     users, timed = _read_sequences(reader.interactions(skips), cat, skips)
     before = {"users": len(users), "items": len(cat.ids), "interactions": sum(map(len, users.values()))}
     before["interactions_beyond_max_seq_len"] = _order_and_truncate(users, opts.max_seq_len)
+    targets = {user: tuple(events.slots[-2:]) for user, events in users.items()} if published else {}
     _k_core(users, opts.min_user_interactions, opts.min_item_interactions)
     if not users:
         raise InputError(f"no user of {input_dir} has {opts.min_user_interactions} interactions after filtering")
@@ -326,6 +346,7 @@ def build(
         "momrec_version": __version__,
         "options": {**asdict(opts), "domain": domain},
         "timestamps": timed,
+        "split": _split(targets, users) if published else {"kind": "leave-one-out"},
         "counts": _counts(dom, before),
         "popularity": _popularity(dom),
         "skipped_counts": skips.counts(),
@@ -334,6 +355,19 @@ def build(
     _write_atomically(dom, manifest, out_dir, opts, progress)
     log.info("built %s: %s", out_dir, {k: v for k, v in manifest["counts"].items() if k != "before_filtering"})
     return manifest
+
+
+def _split(targets: dict[str, tuple[int, ...]], users: dict[str, Events]) -> dict[str, Any]:
+    """How much of a published split the shards keep: users whose last two items are still the files' validation
+    and test targets (a filter the user asked for may drop users or move targets)."""
+    kept = sum(1 for user, events in users.items() if tuple(events.slots[-2:]) == targets[user])
+    if kept < len(targets):
+        log.warning(
+            "the published split is not intact: %d of %d users keep their published validation and test targets "
+            "(the filter options dropped or changed the others); numbers are not comparable with published tables",
+            kept, len(targets),
+        )  # fmt: skip
+    return {"kind": "published", "users": len(targets), "users_with_published_targets": kept}
 
 
 def _write_atomically(

@@ -36,6 +36,15 @@ def _image_desc(data: bytes | None) -> str:
         return f"unreadable ({e})"
 
 
+def _split_desc(split: dict | None) -> str:
+    """Where the validation and test targets come from (manifests from before the field: leave-one-out)."""
+    if not split or split.get("kind") != "published":
+        return "leave-one-out (each user's last two items)"
+    kept, users = split.get("users_with_published_targets"), split.get("users")
+    state = "intact" if kept == users else f"NOT intact: {kept:,} of {users:,} users keep the published targets"
+    return f"published by the source files ({state})"
+
+
 def summary(folder: str | Path) -> str:
     """A readable summary of a built domain and one decoded sample of each kind."""
     folder = Path(folder)
@@ -48,6 +57,7 @@ def summary(folder: str | Path) -> str:
         f"  items: text+image {c['items_text_and_image']:,}  text only {c['items_text_only']:,}"
         f"  image only {c['items_image_only']:,}  no content {c['items_without_content']:,}",
         f"  timestamps: {'yes' if m.raw.get('timestamps') else 'no (source order)'}",
+        f"  split: {_split_desc(m.raw.get('split'))}",
     ]
     for kind in ("items", "seqs"):
         shards = m.shards(kind)

@@ -27,9 +27,7 @@ Image URL fields are dropped; every other meta field can be named in ``--text-te
 from __future__ import annotations
 
 import ast
-import html
 import json
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from .base import (
     FieldValue,
     RawInteraction,
     RawItem,
+    clean_text,
     decoded_lines,
     find_image,
     parse_timestamp,
@@ -49,16 +48,6 @@ from .base import (
 META_PATTERNS = ("meta_*.json", "meta_*.json.gz")
 INTERACTION_PATTERNS = ("*.csv", "*.csv.gz", "*.json", "*.json.gz")
 DROPPED_FIELDS = ("asin", "imageURL", "imageURLHighRes", "imUrl")
-_TAG = re.compile(r"<[^<>]*>")
-
-
-def clean_text(value: Any) -> Any:
-    """Strings lose HTML tags and entities; lists are cleaned element-wise; anything else is unchanged."""
-    if isinstance(value, str):
-        return html.unescape(_TAG.sub(" ", value)) if "<" in value or "&" in value else value
-    if isinstance(value, list):
-        return [clean_text(v) for v in value]
-    return value
 
 
 def text_fields(obj: dict[str, Any], dropped: tuple[str, ...]) -> dict[str, FieldValue]:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import csv
 import fnmatch
 import gzip
+import html
 import io
 import json
 import math
+import re
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -56,6 +58,20 @@ class Reader(Protocol):
     def items(self, skips: Skips) -> Iterator[RawItem]: ...
 
     def interactions(self, skips: Skips) -> Iterator[RawInteraction]: ...
+
+
+_TAG = re.compile(r"<[^<>]*>")
+
+
+def clean_text(value: Any) -> Any:
+    """Strings lose HTML tags and entities; lists and objects are cleaned element-wise; anything else is unchanged."""
+    if isinstance(value, str):
+        return html.unescape(_TAG.sub(" ", value)) if "<" in value or "&" in value else value
+    if isinstance(value, list):
+        return [clean_text(v) for v in value]
+    if isinstance(value, dict):
+        return {k: clean_text(v) for k, v in value.items()}
+    return value
 
 
 def require_file(folder: Path, name: str, what: str) -> Path:
@@ -236,3 +252,77 @@ def find_image(folder: Path, stem: str) -> Path | None:
         if path.is_file():
             return path
     return None
+
+
+def read_json_object(path: Path) -> Iterator[tuple[int, str, Any]]:
+    """(line of the key, key, value) for each member of a file holding one JSON object (``{"k": v, ...}``, as
+    LC-Rec writes its data), in file order; gzip is read transparently. The file is one document, so a syntax
+    error anywhere makes it unusable: an :class:`InputError` with its line and column, not a skip."""
+    raw = path.read_bytes()
+    if raw.startswith(GZIP_MAGIC):
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as e:
+            raise InputError(f"corrupt or truncated gzip data: {e}", file=path.name) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"not UTF-8: byte {e.start}", file=path.name, line=raw.count(b"\n", 0, e.start) + 1) from None
+    yield from _object_members(text, path.name)
+
+
+_JSON = json.JSONDecoder()
+
+
+def _object_members(text: str, file: str) -> Iterator[tuple[int, str, Any]]:
+    line, counted = 1, 0
+
+    def line_at(pos: int) -> int:  # lines are counted incrementally: the members come in file order
+        nonlocal line, counted
+        line += text.count("\n", counted, pos)
+        counted = pos
+        return line
+
+    def fail(pos: int, what: str) -> InputError:
+        column = pos - (text.rfind("\n", 0, pos) + 1) + 1
+        return InputError(f"malformed JSON: {what} at column {column}", file=file, line=line_at(pos))
+
+    def skip_ws(pos: int) -> int:
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        return pos
+
+    def decode(pos: int) -> tuple[Any, int]:
+        try:
+            return _JSON.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise fail(e.pos, e.msg) from None
+        except RecursionError:
+            raise fail(pos, "nested too deeply") from None
+
+    pos = skip_ws(0)
+    if not text.startswith("{", pos):
+        raise fail(pos, "expected the file to be one JSON object '{...}'")
+    pos = skip_ws(pos + 1)
+    if text.startswith("}", pos):
+        pos += 1
+    else:
+        while True:
+            if not text.startswith('"', pos):
+                raise fail(pos, "expected a member name in double quotes")
+            key_line = line_at(pos)
+            key, pos = decode(pos)
+            pos = skip_ws(pos)
+            if not text.startswith(":", pos):
+                raise fail(pos, "expected ':'")
+            value, pos = decode(skip_ws(pos + 1))
+            yield key_line, key, value
+            pos = skip_ws(pos)
+            if text.startswith("}", pos):
+                pos += 1
+                break
+            if not text.startswith(",", pos):
+                raise fail(pos, "expected ',' or '}'")
+            pos = skip_ws(pos + 1)
+    if skip_ws(pos) != len(text):
+        raise fail(skip_ws(pos), "extra data after the object")

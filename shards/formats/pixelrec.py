@@ -43,7 +43,7 @@ def _header(path: Path) -> list[str]:
     return []
 
 
-def _classify(folder: Path) -> tuple[list[Path], list[Path]]:
+def classify(folder: Path) -> tuple[list[Path], list[Path]]:
     """Candidate (interaction files, item info files) among the CSVs of the folder and its subfolders."""
     inters, infos = [], []
     for path in sorted({p for pat in CSV_PATTERNS for p in folder.glob(pat) if p.is_file()}):
@@ -69,7 +69,7 @@ class PixelRecReader:
 
     def __init__(self, folder: Path, images: Path | None = None, progress: bool = False) -> None:
         self.progress = progress
-        inters, infos = _classify(folder)
+        inters, infos = classify(folder)
         self.inter_path = _only(inters, folder, "interactions", INTERACTION_COLUMNS)
         self.info_path = _only(infos, folder, "item info", ITEM_COLUMNS)
         root = images or folder / COVER_FOLDER

@@ -61,7 +61,9 @@ def clean_domain(folder: Path) -> Path:
 
 
 def small_opts(**kw) -> BuildOptions:
-    return BuildOptions(**{"min_user_interactions": 3, "image_size": 64, "samples_per_shard": 2, **kw})
+    return BuildOptions(
+        **{"format": "generic", "min_user_interactions": 3, "image_size": 64, "samples_per_shard": 2, **kw}
+    )
 
 
 def all_samples(folder: Path, kind: schema.ShardKind) -> list:
