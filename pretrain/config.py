@@ -499,6 +499,10 @@ class RunConfig(_Section):
     """Optimizer steps between logged training metrics."""
     eval_every: int = 500
     """Optimizer steps between quick validations on eval_users (0: only at the end)."""
+    eval_at_start: bool = True
+    """Also validate before the first step (step 0; not when resuming), so that the starting model (untrained, or
+    the pretrained one a finetuning starts from) is a candidate for best/ and early stopping: a run whose training
+    only hurts keeps its start, and the curves show where training began."""
     eval_users: int = 1000
     """Users sampled (fixed seed) from the valid split for the quick validation (0: all of them)."""
     save_every: int = 1000

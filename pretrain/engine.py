@@ -413,7 +413,7 @@ def summary(run: Run) -> dict[str, float]:
         "run/batches_per_epoch": float(len(run.stream)),
         "run/early_stopped": float(run.stopped),
     }
-    if run.tracks_best and run.best.step:
+    if run.tracks_best and run.best.score > -math.inf:  # best_step 0: the start was never beaten
         out.update({"run/best_step": float(run.best.step), "run/best_score": run.best.score})
     return out
 
@@ -477,6 +477,8 @@ def loop(run: Run) -> dict[str, float]:
     max_steps, last = cfg.optim.max_steps, {}
     bar_off = run.dist.rank != 0 or not sys.stderr.isatty()
     bar = tqdm(total=max_steps, initial=run.step, unit="step", desc="pretrain", disable=bar_off, dynamic_ncols=True)
+    if run.step == 0 and cfg.run.eval_at_start and _validates(cfg):
+        last = _validate(run)
     engine.train()
     run.meter.restart()
     with bar, contextlib.closing(_epoch_batches(run)) as batches:
@@ -518,19 +520,26 @@ def _after_step(run: Run, bar: tqdm) -> dict[str, float] | None:
             bar.set_postfix(loss=f"{logged['loss/total']:.4f}", refresh=False)
             if bar.disable:
                 log.info("step %d/%d: %s", step, cfg.optim.max_steps, _brief(logged))
-    if _due(step, cfg.run.eval_every, cfg.optim.max_steps) and (
-        cfg.data.valid_domains is None or cfg.data.valid_domains
-    ):
-        with torch.random.fork_rng(devices=_devices(run)):  # validation must not shift the training RNG
-            metrics = validate.quick_validation(run.engine, cfg, run.folders, run.dist, run.model_factory)
-        _write(run, metrics)
-        if run.dist.rank == 0:
-            log.info("step %d validation: %s", step, _brief(metrics))
-        logged = {**(logged or {}), **metrics}
-        _track_best(run, metrics)
+    if _due(step, cfg.run.eval_every, cfg.optim.max_steps) and _validates(cfg):
+        logged = {**(logged or {}), **_validate(run)}
     if _due(step, cfg.run.save_every, cfg.optim.max_steps) or run.stopped:
         checkpoint.save(run.engine, cfg, run.stream, step, run.out_dir)
     return logged
+
+
+def _validates(cfg: TrainConfig) -> bool:
+    return cfg.data.valid_domains is None or bool(cfg.data.valid_domains)
+
+
+def _validate(run: Run) -> dict[str, float]:
+    """The quick validation of the model as it is at ``run.step``: written, logged, and tracked as a best."""
+    with torch.random.fork_rng(devices=_devices(run)):  # validation must not shift the training RNG
+        metrics = validate.quick_validation(run.engine, run.cfg, run.folders, run.dist, run.model_factory)
+    _write(run, metrics)
+    if run.dist.rank == 0:
+        log.info("step %d validation: %s", run.step, _brief(metrics))
+    _track_best(run, metrics)
+    return metrics
 
 
 def _track_best(run: Run, metrics: dict[str, float]) -> None:

@@ -43,7 +43,7 @@ def test_early_stopping_keeps_the_best_and_resumes_into_the_same_stop(
     monkeypatch.setattr(validate, "quick_validation", scripted_validation)
     out = tmp_path / "run"
     args = argv(pretrained, domains, out, "lora", "optim.max_steps=10", "run.eval_every=1", "run.log_every=2",
-                "run.early_stop_patience=2", "run.save_every=100")  # fmt: skip
+                "run.early_stop_patience=2", "run.save_every=100", "run.eval_at_start=false")  # fmt: skip
     caplog.set_level(logging.INFO, logger="finetune.run")
     assert main(args) == 0
     pretrained_optim = json.loads((pretrained / "config.json").read_text())["config"]["optim"]
@@ -81,6 +81,30 @@ def test_early_stopping_keeps_the_best_and_resumes_into_the_same_stop(
     assert len(snapshots) == 4
 
 
+def test_the_start_is_validated_and_kept_as_best_when_training_only_hurts(
+    pretrained, domains, tmp_path: Path, monkeypatch, lone_process
+) -> None:
+    scores = iter([0.4, 0.1, 0.2, 0.3])  # step 0 (the pretrained model with fresh adapters) beats every later one
+    snapshots: list[dict[str, torch.Tensor]] = []
+
+    def scripted_validation(engine, cfg, folders, dist, factory):
+        snapshots.append(trained(engine.module))
+        return {"valid/ndcg@10": next(scores), "valid/hr@10": 0.5}
+
+    monkeypatch.setattr(validate, "quick_validation", scripted_validation)
+    out = tmp_path / "run"
+    args = argv(pretrained, domains, out, "lora", "optim.max_steps=10", "run.eval_every=1", "run.early_stop_patience=2")
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["early_stopped"] and summary["best"] == {"step": 0, "valid/ndcg@10": 0.4}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "valid/ndcg@10" in r] == [0, 1, 2]
+    best, _, _ = load_finetuned(out / "best", merge=False)
+    params_best = dict(best.named_parameters())
+    assert all(torch.equal(params_best[n], t) for n, t in snapshots[0].items())  # the untouched start
+    assert any(not torch.equal(snapshots[0][n], snapshots[2][n]) for n in snapshots[0])  # training did move it
+
+
 def test_zero3_saves_the_gathered_lora_weights(pretrained, domains, tmp_path: Path, lone_process) -> None:
     out = tmp_path / "run"
     # threshold 0: every parameter is partitioned (by default small ones stay whole on every rank, and a save that
@@ -96,7 +120,9 @@ def test_zero3_saves_the_gathered_lora_weights(pretrained, domains, tmp_path: Pa
     model, cfg, _ = load_finetuned(out / "model")
     assert cfg.engine.zero_stage == 3 and not model.training
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["best"]["step"] == 1 and 0 <= summary["test"]["test/full/ndcg@10"] <= 1
+    assert summary["best"]["step"] in (0, 1) and 0 <= summary["test"]["test/full/ndcg@10"] <= 1  # start validated
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "valid/ndcg@10" in r] == [0, 1]  # ZeRO-3's full copy before any step too
     assert summary["test"]["test/users"] > 0
 
 
