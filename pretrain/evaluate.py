@@ -108,6 +108,7 @@ def result_document(result: DomainResult, model: Path, domain_index: int, in_cat
         "buckets": result.buckets,
         "bad_samples": result.bad_samples,
         "metrics": result.metrics(),
+        "per_user": {split: tally.user_ranks() for split, tally in result.tallies.items()},
     }
 
 

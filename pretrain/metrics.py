@@ -144,13 +144,28 @@ class Tally:
         self.ranks = torch.zeros((len(rankings), len(BUCKETS), max(KS)), dtype=torch.long)
         """(rankings, Q, max(KS)) users whose target ranked r, for each r < max(KS)."""
         self.users = torch.zeros(len(BUCKETS), dtype=torch.long)
+        self.per_user: dict[str, list[torch.Tensor]] = {r: [] for r in ("user", *self.rankings)}
+        """Per-user records, in the order added: ``user`` the user indices, and per ranking their 0-based target
+        ranks (uncapped), so that two models can be compared user by user (:mod:`pretrain.paired`)."""
 
-    def add(self, ranking: str, rank_B: torch.Tensor, member_BQ: torch.Tensor) -> None:
-        """Users with 0-based target ranks ``rank_B`` and bucket membership ``member_BQ``."""
+    def add(
+        self, ranking: str, rank_B: torch.Tensor, member_BQ: torch.Tensor, user_B: torch.Tensor | None = None
+    ) -> None:
+        """Users (indices ``user_B``, recorded once per batch with the first ranking) with 0-based target ranks
+        ``rank_B`` and bucket membership ``member_BQ``."""
         cutoff = max(KS)
         at_BR = torch.nn.functional.one_hot(rank_B.cpu().clamp(max=cutoff), cutoff + 1)[:, :cutoff]
         counts_QR = member_BQ.cpu().double().T @ at_BR.double()  # small integers: exact in float64
         self.ranks[self.rankings.index(ranking)] += counts_QR.round().long()
+        if user_B is not None:
+            self.per_user["user"].append(user_B.cpu().long())
+        self.per_user[ranking].append(rank_B.cpu().long())
+
+    def user_ranks(self) -> dict[str, list[int]]:
+        """``{"user": [user index, ...], ranking: [0-based target rank, ...], ...}``, users sorted by index."""
+        cols = {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.long) for k, v in self.per_user.items()}
+        order = torch.argsort(cols["user"], stable=True)
+        return {k: v[order].tolist() for k, v in cols.items() if len(v) == len(order)}
 
     def count(self, member_BQ: torch.Tensor) -> None:
         self.users += member_BQ.long().sum(0).cpu()
@@ -163,11 +178,16 @@ class Tally:
         torch.distributed.all_reduce(flat)
         flat = flat.cpu()
         self.ranks, self.users = flat[: self.ranks.numel()].view_as(self.ranks), flat[self.ranks.numel() :]
+        self.per_user = {k: [_all_gather_1d(torch.cat(v) if v else torch.zeros(0, dtype=torch.long), device)]
+                         for k, v in self.per_user.items()}  # fmt: skip
 
     def __add__(self, other: Tally) -> Tally:
+        """The two tallies' users together (their per-user records too: add tallies of different domains only
+        for the sums, since user indices are per domain)."""
         assert self.rankings == other.rankings
         out = Tally(self.rankings)
         out.ranks, out.users = self.ranks + other.ranks, self.users + other.users
+        out.per_user = {k: self.per_user[k] + other.per_user[k] for k in self.per_user}
         return out
 
     def mean(self, ranking: str, metric: str, k: int, bucket: str = "all") -> float:
@@ -190,3 +210,16 @@ class Tally:
                     for k in KS:
                         out[f"{split}/{ranking}/{metric}@{k}{suffix}"] = self.mean(ranking, metric, k, bucket)
         return out
+
+
+def _all_gather_1d(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Every rank's 1-D long tensor, concatenated in rank order (padded to the longest for all_gather)."""
+    world = torch.distributed.get_world_size()
+    size = torch.tensor([len(x)], device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    torch.distributed.all_gather(sizes, size)
+    longest = max(int(n) for n in sizes)
+    padded = torch.cat([x.to(device), x.new_zeros(longest - len(x)).to(device)])
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    return torch.cat([p[: int(n)] for p, n in zip(parts, sizes)]).cpu()

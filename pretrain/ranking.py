@@ -447,7 +447,7 @@ class _Ranker:
         for suffix, score in scorers.items():
             full_B, sampled_B = rank_targets(score, n_items, batch.target_item, batch.seen, self.tiebreak_C,
                                              self.opts.chunk, negatives_BN)  # fmt: skip
-            tally.add(f"full{suffix}", full_B, member_BQ)
+            tally.add(f"full{suffix}", full_B, member_BQ, None if suffix else batch.user_index)
             if sampled_B is not None:
                 tally.add(f"sampled{self.opts.sampled}{suffix}", sampled_B, member_BQ)
 

@@ -22,6 +22,7 @@ from pretrain.config import TrainConfig, load_config
 from pretrain.evaluate import main
 from pretrain.metrics import BUCKETS, Tally, item_buckets, rank_targets, sample_negatives, tiebreak_order
 from pretrain.model import Catalog, Recommender
+from pretrain.paired import user_metric
 from pretrain.ranking import EvalOptions, encode_catalog, evaluate_domain, model_for_domain
 from pretrain.validate import quick_validation
 from shards import schema
@@ -258,6 +259,12 @@ def test_the_command_writes_json_tensorboard_and_a_table(export, folders, tmp_pa
                  "valid/users"):  # fmt: skip
         assert name in metrics, name
     assert metrics["test/users"] == metrics["valid/users"] == 30
+    for split in ("valid", "test"):  # the per-user records give back the aggregate metrics
+        records = doc["per_user"][split]
+        assert records["user"] == sorted(set(records["user"])) and len(records["user"]) == 30
+        for ranked in ("full", "full/pop"):
+            ndcg = user_metric(records[ranked], "ndcg@10").mean()
+            assert ndcg == pytest.approx(metrics[f"{split}/{ranked}/ndcg@10"], abs=1e-12)
     assert (export / "eval-movies.json").is_file()
     acc = EventAccumulator(str(tb / "movies"))
     acc.Reload()
@@ -315,6 +322,8 @@ def test_two_ranks_give_the_single_process_numbers(export, folders, tmp_path: Pa
     assert [p.exitcode for p in ranks] == [0, 0]
     one, two = (json.loads((tmp_path / f"{n}.json").read_text())["metrics"] for n in ("one", "two"))
     assert two == one and one["test/users"] == 11 and "test/sampled3/hr@1" in one
+    per_user = [json.loads((tmp_path / f"{n}.json").read_text())["per_user"] for n in ("one", "two")]
+    assert per_user[1] == per_user[0] and len(per_user[0]["test"]["user"]) == 11  # gathered from both ranks
     taken = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert taken == [{"world": 2, "users": 12, "chunks": 1}, {"world": 2, "users": 10, "chunks": 0}]  # 2 splits
 
