@@ -161,7 +161,10 @@ def evaluate_best(folder: Path, cfg: TrainConfig) -> dict[str, float]:
     """Full-ranking test metrics (:func:`pretrain.ranking.evaluate_domain`) of the model in ``folder`` (the best
     one, or the last when no best was kept) on the test split of every validation domain (the target domains
     unless data.valid_domains names others, e.g. the whole domain of a user subset): ``test/full/...`` for one
-    domain, ``test/<domain>/full/...`` per domain when there are several. Every rank must call it."""
+    domain, ``test/<domain>/full/...`` per domain when there are several; each domain's result, with every user's
+    rank, also goes to ``run.out_dir/eval-<domain>.json`` (as ``python -m pretrain.evaluate`` writes it). Every rank
+    must call it."""
+    from pretrain.evaluate import result_document, write_json
     from pretrain.ranking import EvalOptions, evaluate_domain
     from pretrain.validate import catalog_folders, valid_folders
 
@@ -176,7 +179,11 @@ def evaluate_best(folder: Path, cfg: TrainConfig) -> dict[str, float]:
     folders = valid_folders(cfg) or list(cfg.data.domains)
     for data in folders:
         domain = position[catalog_id(data)]
-        result = evaluate_domain(model, data, domain, cfg.data.stream, opts).metrics()
+        evaluated = evaluate_domain(model, data, domain, cfg.data.stream, opts)
+        if _rank() == 0:  # with each user's rank, for paired comparisons (python -m pretrain.paired)
+            path = Path(cfg.run.out_dir) / f"eval-{evaluated.domain}.json"
+            write_json(path, result_document(evaluated, folder, domain, True, opts))
+        result = evaluated.metrics()
         if len(folders) == 1:
             metrics.update(result)
         else:

@@ -14,6 +14,7 @@ import torch
 from finetune.__main__ import main
 from finetune.export import WEIGHTS, load_finetuned
 from pretrain import validate
+from pretrain.paired import load_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -67,6 +68,8 @@ def test_early_stopping_keeps_the_best_and_resumes_into_the_same_stop(
     assert summary["transfer"]["skipped"] == ["interests", "prototype_of"]
     assert summary["time"]["s_per_epoch"] > 0 and summary["memory"]["peak_rss_gb"] > 0
     assert summary["test"]["test/users"] > 0 and 0 <= summary["test"]["test/full/ndcg@10"] <= 1  # of the best
+    (evaluated,) = out.glob("eval-*.json")  # with every test user's rank, for paired comparisons
+    assert len(load_ranks(evaluated)) == summary["test"]["test/users"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["finetune/trainable_params"] == params["all"]["trainable"]
     acc = EventAccumulator(str(out / "tb"))
