@@ -34,12 +34,14 @@ from typing import Any
 
 from ..errors import Skips
 from .base import (
+    MAX_JSON_DEPTH,
     FieldValue,
     RawInteraction,
     RawItem,
     clean_text,
     decoded_lines,
     find_image,
+    json_depth,
     parse_timestamp,
     read_jsonl,
     require_one,
@@ -83,15 +85,16 @@ def json_id(obj: dict[str, Any], key: str, skips: Skips, file: str, line: int) -
 
 
 def _parse_object(text: str) -> Any:
-    """JSON, else a Python literal (the 2014-style meta lines); None if neither."""
+    """JSON, else a Python literal (the 2014-style meta lines); None if neither, or if nested deeper than
+    MAX_JSON_DEPTH (its fields are cleaned recursively) or holding a number too long to convert."""
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        pass
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        return None
+        value = json.loads(text)
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            return None
+    return None if json_depth(value) > MAX_JSON_DEPTH else value
 
 
 def read_meta(path: Path, skips: Skips, progress: bool) -> Iterator[tuple[int, dict[str, Any]]]:

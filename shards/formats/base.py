@@ -131,15 +131,51 @@ def decoded_lines(path: Path, skips: Skips, progress: bool = False) -> Iterator[
         yield number, text.rstrip("\r\n")
 
 
+MAX_JSON_DEPTH = 100
+"""The deepest nesting of a member's value :func:`read_json_object` passes on: item fields are cleaned
+(:func:`clean_text`) and rendered (:mod:`shards.text`) recursively, two Python frames a level, so a value the
+decoder still reads (up to the interpreter's recursion limit) would raise a RecursionError later."""
+
+
+def json_depth(value: Any) -> int:
+    """How deeply lists and objects nest in ``value`` (a string or number: 0, ``[1]``: 1), without recursion."""
+    depth, todo = 0, [(value, 0)]
+    while todo:
+        value, level = todo.pop()
+        if isinstance(value, (list, dict)):
+            depth = max(depth, level + 1)
+            todo.extend((v, level + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return depth
+
+
+def load_json_line(text: str, file: str, line: int, skips: Skips) -> Any:
+    """The JSON value of one line, or None with a counted skip: malformed, nested deeper than
+    :data:`MAX_JSON_DEPTH` (the recursive cleaning and rendering of fields would overflow the stack), or holding a
+    number too long to convert."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        skips.add(file, line, None, f"malformed JSON: {e.msg} at column {e.colno}")
+        return None
+    except RecursionError:
+        skips.add(file, line, None, "malformed JSON: nested too deeply")
+        return None
+    except ValueError as e:  # a number of more than sys.get_int_max_str_digits() digits
+        skips.add(file, line, None, f"malformed JSON: unreadable value ({str(e).split(':')[0]})")
+        return None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        skips.add(file, line, None, f"malformed JSON: nested too deeply (more than {MAX_JSON_DEPTH} levels)")
+        return None
+    return value
+
+
 def read_jsonl(path: Path, skips: Skips, progress: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
     """One JSON object per line; blank lines are ignored, malformed ones are counted skips."""
     for number, text in decoded_lines(path, skips, progress):
         if not text.strip():
             continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            skips.add(path.name, number, None, f"malformed JSON: {e.msg} at column {e.colno}")
+        obj = load_json_line(text, path.name, number, skips)
+        if obj is None:
             continue
         if not isinstance(obj, dict):
             skips.add(path.name, number, None, f"malformed JSON: expected an object, got {type(obj).__name__}")
@@ -257,7 +293,8 @@ def find_image(folder: Path, stem: str) -> Path | None:
 def read_json_object(path: Path) -> Iterator[tuple[int, str, Any]]:
     """(line of the key, key, value) for each member of a file holding one JSON object (``{"k": v, ...}``, as
     LC-Rec writes its data), in file order; gzip is read transparently. The file is one document, so a syntax
-    error anywhere makes it unusable: an :class:`InputError` with its line and column, not a skip."""
+    error anywhere makes it unusable: an :class:`InputError` with its line and column, not a skip (so is a value
+    nested deeper than :data:`MAX_JSON_DEPTH`)."""
     raw = path.read_bytes()
     if raw.startswith(GZIP_MAGIC):
         try:
@@ -299,6 +336,14 @@ def _object_members(text: str, file: str) -> Iterator[tuple[int, str, Any]]:
             raise fail(e.pos, e.msg) from None
         except RecursionError:
             raise fail(pos, "nested too deeply") from None
+        except ValueError as e:  # a number of more than sys.get_int_max_str_digits() digits
+            raise fail(pos, f"unreadable value ({str(e).split(':')[0]})") from None
+
+    def decode_value(pos: int) -> tuple[Any, int]:
+        value, end = decode(pos)
+        if json_depth(value) > MAX_JSON_DEPTH:
+            raise fail(pos, f"nested too deeply (more than {MAX_JSON_DEPTH} levels)")
+        return value, end
 
     pos = skip_ws(0)
     if not text.startswith("{", pos):
@@ -315,7 +360,7 @@ def _object_members(text: str, file: str) -> Iterator[tuple[int, str, Any]]:
             pos = skip_ws(pos)
             if not text.startswith(":", pos):
                 raise fail(pos, "expected ':'")
-            value, pos = decode(skip_ws(pos + 1))
+            value, pos = decode_value(skip_ws(pos + 1))
             yield key_line, key, value
             pos = skip_ws(pos)
             if text.startswith("}", pos):

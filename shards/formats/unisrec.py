@@ -227,11 +227,15 @@ def _is_run(run: tuple[str, ...], sequence: tuple[str, ...]) -> bool:
 
 
 def _default_template(text: list[tuple[int, str]]) -> str | None:
-    """UniSRec's fields from the item file's text columns: a title column, brand, categories (or category)."""
+    """UniSRec's fields from the item file's text columns: a title column, brand, categories (or category); None
+    (every text column, the title first) when it has none of them, or a title column whose name a template cannot
+    hold (``movie-title``)."""
     names = [name for _, name in text]
     if names == ["text"]:
         return "{text}"
     title = next((n for n in names if "title" in n.lower()), None)
+    if title is not None and not title.isidentifier():
+        return None
     found = {"title": title, "brand": "brand" if "brand" in names else None}
     found["categories"] = next((n for n in ("categories", "category") if n in names), None)
     parts = [pattern % found[key] for key, pattern in UNISREC_FIELDS if found[key]]

@@ -21,6 +21,7 @@ from shards.build import BuildOptions, build
 from shards.errors import InputError
 
 HM_BOUGHT = ("0108775015", "0200000001", "300000001")  # the last one lost its leading zero: padded back
+UNISREC_HEADER = "user_id:token\titem_id_list:token_seq\titem_id:token"
 SEEDS: dict[str, dict[str, list[str]]] = {
     "generic": {
         "items.jsonl": [
@@ -94,6 +95,32 @@ SEEDS: dict[str, dict[str, list[str]]] = {
         "meta_Books.json": ['{"asin": "A", "title": "a"}', '{"asin": "B", "title": "b"}', '{"asin": "C"}'],
         "ratings_Books.csv": [f"u{u},{a},5.0,{t}" for u in (1, 2) for t, a in enumerate("ABC")],
     },
+    "unisrec": {  # users 1: 1 2 3 4 and 2: 3 4 1 2, split by the publisher's rule; item indices -> ASINs
+        "Toy.item": [
+            "item_id:token\ttitle:token_seq\tbrand:token\tcategories:token_seq",
+            "1\tRed &amp; shoes\tAcme\tShoes",
+            "2\tBlue hat\t\tHats",
+            "3\tGreen <b>scarf</b>\tBolt\t",
+            "4\tYellow sock\tAcme\tSocks Wool",
+        ],
+        "Toy.train.inter": [UNISREC_HEADER, "1\t1\t2", "2\t3\t4"],
+        "Toy.valid.inter": [UNISREC_HEADER, "1\t1 2\t3", "2\t3 4\t1"],
+        "Toy.test.inter": [UNISREC_HEADER, "1\t1 2 3\t4", "2\t3 4 1\t2"],
+        "Toy.item2index": [f"B00{i}\t{i}" for i in range(1, 5)],
+    },
+    "lcrec": {  # whole-file JSON objects, one member a line (as LC-Rec writes them, less the indentation)
+        "Toy.inter.json": ["{", '  "u1": [1, 2, 3, 4],', '  "u2": ["5", "6", 1, 2]', "}"],  # items 3-6: one user
+        "Toy.item.json": [
+            "{",
+            '  "1": {"title": "Red shoes", "brand": "AT&amp;T", "categories": "Shoes", "description": "<b>Red</b>"},',
+            '  "2": {"title": "Blue hat", "brand": "", "categories": "Hats, Wool", "description": ""},',
+            '  "3": {"title": "Green scarf", "description": "Warm."},',
+            '  "4": {"title": "Yellow sock", "brand": "Acme", "extra": [1, {"a": null}]},',
+            '  "5": {"title": "Purple tie", "categories": ""},',
+            '  "6": {"title": "Grey belt", "brand": "B", "categories": "Belts", "description": "Leather &amp; steel."}',
+            "}",
+        ],
+    },
 }
 ASSETS: dict[str, dict[str, bytes]] = {
     "hm": {"images/010/0108775015.jpg": shard_fixtures.tiny_jpeg((200, 30, 30))},
@@ -104,8 +131,12 @@ ASSETS: dict[str, dict[str, bytes]] = {
 """Files written as they are (never mutated): item images, so that the readers' image look-ups run."""
 LINE_FORMATS = ("generic", "amazon2023", "recbole")
 """Fuzzed by whole-line mutations only (the first cases; their examples stay as they were)."""
-RECORD_FORMATS = ("hm", "microlens", "mind", "pixelrec", "amazon2018", "amazon2018-ratings")
+RECORD_FORMATS = ("hm", "microlens", "mind", "pixelrec", "amazon2018", "amazon2018-ratings", "unisrec", "lcrec")
 """Fuzzed by whole-line mutations and by single cells (CSV, TSV) or JSON values replaced."""
+WHOLE_OBJECT_FORMATS = ("lcrec",)
+"""Files that are one JSON object, one member a line: a whole-line mutation mostly breaks the syntax (an error,
+which is fine), so three examples in four mutate members instead (:func:`mutated_members`), keeping the braces and
+commas so that the file still parses and the reader's own checks run."""
 
 
 def format_of(case: str) -> str:
@@ -154,8 +185,33 @@ CELL = st.one_of(st.text(max_size=12), st.integers().map(str), st.floats().map(r
 """One CSV or TSV cell: random text, numbers, dates, and the strings that trouble parsers."""
 
 
+MEMBER = re.compile(r'(\s*"(?:[^"\\]|\\.)*"\s*:\s*)(.*?)(,?)\s*')
+"""A member line of a whole-file JSON object (LC-Rec): its key, its value, its trailing comma."""
+
+
+def _replace_member_value(draw, member: re.Match) -> str | None:
+    """The member line with its value, one field of an object value or one element of a list value replaced by a
+    random JSON value; None if the line holds no JSON value."""
+    try:
+        value = json.loads(member.group(2))
+    except ValueError:
+        return None
+    if isinstance(value, dict) and value and draw(st.booleans()):
+        value[draw(st.sampled_from(sorted(value)))] = draw(JSON_VALUE)
+    elif isinstance(value, list) and value and draw(st.booleans()):
+        value[draw(st.integers(0, len(value) - 1))] = draw(JSON_VALUE)
+    else:
+        value = draw(JSON_VALUE)
+    return member.group(1) + json.dumps(value, allow_nan=True) + member.group(3)
+
+
 def _replace_part(draw, line: str) -> str:
-    """``line`` with one JSON value (a JSON object line) or one cell (tab- or comma-separated) replaced."""
+    """``line`` with one JSON value (a JSON object line, or a member line of a whole-file object) or one cell (tab-
+    or comma-separated) replaced."""
+    member = MEMBER.fullmatch(line)
+    replaced = member and _replace_member_value(draw, member)
+    if replaced:
+        return replaced
     try:
         obj = json.loads(line)
     except ValueError:
@@ -189,6 +245,30 @@ def mutated(draw, lines: list[str], parts: bool = False) -> list[str]:
         else:
             out[at] = out[at][: draw(st.integers(0, len(out[at])))]
     return out
+
+
+MEMBER_KEY = st.one_of(st.text(max_size=6), st.sampled_from(["", " ", "1", "2", "u1", "u2"]))
+"""A member name: random, or one the seeds use (a duplicate key)."""
+
+
+@st.composite
+def mutated_members(draw, lines: list[str]) -> list[str]:
+    """A whole-file JSON object (``{``, one member a line, ``}``) with a few members' values (or one field of an
+    object value, one element of a list value) replaced, members inserted, deleted or cut short; the commas between
+    members and the braces are written afresh, so the file parses unless a cut broke a value."""
+    out = [m.group(1) + m.group(2) for m in map(MEMBER.fullmatch, lines[1:-1]) if m]
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["part", "part", "insert", "delete", "cut"]))
+        at = draw(st.integers(0, max(0, len(out) - 1)))
+        if op == "insert" or not out:
+            out.insert(at, f"  {json.dumps(draw(MEMBER_KEY))}: {json.dumps(draw(JSON_VALUE), allow_nan=True)}")
+        elif op == "part":
+            out[at] = _replace_part(draw, out[at])
+        elif op == "delete":
+            del out[at]
+        else:
+            out[at] = out[at][: draw(st.integers(0, len(out[at])))]
+    return ["{", *(line + "," for line in out[:-1]), *out[-1:], "}"]
 
 
 def build_case(case: str, files: dict[str, list[str]]) -> dict | InputError:
@@ -235,7 +315,9 @@ FUZZ = settings(max_examples=80, deadline=None, derandomize=True, suppress_healt
 
 def _fuzz(case: str, data: st.DataObject, parts: bool) -> None:
     name = data.draw(st.sampled_from(sorted(SEEDS[case])))
-    build_case(case, {**SEEDS[case], name: data.draw(mutated(SEEDS[case][name], parts))})
+    lines = SEEDS[case][name]
+    by_member = case in WHOLE_OBJECT_FORMATS and data.draw(st.integers(0, 3)) > 0
+    build_case(case, {**SEEDS[case], name: data.draw(mutated_members(lines) if by_member else mutated(lines, parts))})
 
 
 @pytest.mark.parametrize("fmt", LINE_FORMATS)

@@ -289,3 +289,22 @@ def test_synthetic_round_trip(tmp_path: Path) -> None:
         events = sorted(expected[seq.id])
         assert [seq.items[p].id for p in seq.seq] == [item for _, _, item in events]
         assert seq.timestamps == tuple(t for t, _, _ in events)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["[" * 100_000 + "]" * 100_000, "[" * 600 + "]" * 600, "9" * 5000],
+    ids=["nested-100000", "nested-600", "5000-digits"],
+)
+def test_json_lines_too_deep_or_too_long_are_counted_skips(tmp_path: Path, value: str) -> None:
+    """The decoder's RecursionError (or the int-conversion ValueError), or a depth the recursive text cleaning
+    would overflow on, is one counted skip of that line, not a traceback."""
+    items = [f'{{"id": "x", "title": {value}}}', '{"id": "a", "title": "A"}', '{"id": "b", "title": "B"}',
+             '{"id": "c", "title": "C"}']  # fmt: skip
+    folder = tmp_path / "dom"
+    folder.mkdir()
+    (folder / "items.jsonl").write_text("\n".join(items) + "\n")
+    (folder / "interactions.csv").write_text("user,item\nu,a\nu,b\nu,c\n")
+    manifest = build(folder, tmp_path / "out", small_opts(), progress=False)
+    assert manifest["skipped_counts"] == {"malformed JSON": 1} and manifest["counts"]["items"] == 3
+    assert manifest["skipped"][0]["line"] == 1

@@ -3,11 +3,14 @@
 The data is not part of the repository: point ``MOMREC_DATA`` at it, or these tests skip. Each build keeps every
 interaction (``max_seq_len`` above any sequence) and the smallest k-core the builder allows (users with at least
 3 interactions, items with at least 1), so the expected output is computable from the raw files by a few lines.
+The two published splits (amazon-games, amazon-office) are built with default options, once per module, and their
+every user's validation and test targets compared with the files'.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import time
 from collections import Counter
@@ -16,7 +19,9 @@ from pathlib import Path
 import pytest
 from test_build import all_samples
 
-from shards.build import BuildOptions, build
+from shards.build import BuildOptions, build, sha256_file
+from shards.formats import detect
+from shards.inspect import verify
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("MOMREC_DATA", REPO.parent / "shared" / "data"))
@@ -27,6 +32,8 @@ README_COUNTS = {
     "movielens-100k": (943, 1682, 100_000),
     "hm": (1364, 17_033, 31_662),
     "microlens-50k": (50_000, 19_220, 359_708),
+    "amazon-games": (50_546, 16_859, 440_264),
+    "amazon-office": (4_905, 2_420, 53_258),
 }
 
 
@@ -128,3 +135,94 @@ def test_microlens_50k(tmp_path: Path) -> None:
     check_counts(manifest, "microlens-50k", expected_after_filtering(events, set()))
     assert manifest["timestamps"] is False
     assert sequences(tmp_path / "out") == {u: s for u, s in order.items() if len(s) >= MIN_USER}
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt"),
+    [("amazon-games", "unisrec"), ("amazon-office", "lcrec"), ("movielens-100k", "recbole"), ("hm", "hm"),
+     ("microlens-50k", "microlens")],
+)  # fmt: skip
+def test_detect_tells_every_real_layout(name: str, fmt: str) -> None:
+    assert detect(folder(name)) == fmt
+
+
+def build_published(name: str, out: Path) -> tuple[Path, dict]:
+    """A build with default options (--format auto, no filter, no truncation), timed."""
+    start = time.perf_counter()
+    manifest = build(folder(name), out, BuildOptions(), progress=False)
+    size = sum(p.stat().st_size for p in out.iterdir())
+    print(f"\n{name}: built in {time.perf_counter() - start:.1f} s, {size / 2**20:.0f} MiB")
+    return out, manifest
+
+
+@pytest.fixture(scope="module")
+def games(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    return build_published("amazon-games", tmp_path_factory.mktemp("games") / "out")
+
+
+@pytest.fixture(scope="module")
+def office(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    return build_published("amazon-office", tmp_path_factory.mktemp("office") / "out")
+
+
+def check_published(manifest: dict, name: str, fmt: str) -> None:
+    """Nothing filtered, skipped or cut: the counts are the README's before and after, the split is intact."""
+    assert manifest["format"] == fmt
+    counts = manifest["counts"]
+    users, items, interactions = README_COUNTS[name]
+    assert counts["before_filtering"] == {
+        "users": users, "items": items, "interactions": interactions, "interactions_beyond_max_seq_len": 0
+    }  # fmt: skip
+    assert (counts["users"], counts["items"], counts["interactions"]) == README_COUNTS[name]
+    assert counts["items_text_only"] == items  # every item has a text, none an image
+    assert manifest["split"] == {"kind": "published", "users": users, "users_with_published_targets": users}
+    assert manifest["skipped"] == []
+
+
+def read_split(path: Path) -> dict[str, tuple[list[str], str]]:
+    """user -> (history, target) of a UniSRec split file."""
+    rows = {}
+    for line in path.read_text(encoding="utf-8").splitlines()[1:]:
+        user, history, target = line.split("\t")
+        rows[user] = (history.split(), target)
+    return rows
+
+
+def test_amazon_games_keeps_the_published_split(games: tuple[Path, dict]) -> None:
+    out, manifest = games
+    check_published(manifest, "amazon-games", "unisrec")
+    src = folder("amazon-games")
+    test, valid = read_split(src / "Games.test.inter"), read_split(src / "Games.valid.inter")
+    seqs = sequences(out)
+    assert set(seqs) == set(test) == set(valid)
+    for user, seq in seqs.items():  # every user: the files' validation and test targets, the test row's history
+        assert seq[-2:] == [valid[user][1], test[user][1]], user
+        assert seq == test[user][0] + [test[user][1]], user
+    texts = {it.id: it.text for it in all_samples(out, "items")}
+    assert texts["0"] == "Fire Emblem: The Sacred Stones."  # UniSRec's template: the title (the only column)
+    assert texts["11"] == "Phantasy Star Online, Episode I & II."  # HTML entity unescaped
+
+
+def test_amazon_office_keeps_the_published_split(office: tuple[Path, dict]) -> None:
+    out, manifest = office
+    check_published(manifest, "amazon-office", "lcrec")
+    raw = json.loads((folder("amazon-office") / "Office.inter.json").read_text(encoding="utf-8"))
+    seqs = sequences(out)
+    assert set(seqs) == set(raw)
+    for user, seq in seqs.items():  # every user: the file's last two items are the validation and test targets
+        assert seq[-2:] == [str(i) for i in raw[user][-2:]], user
+        assert seq == [str(i) for i in raw[user]], user
+    texts = {it.id: it.text for it in all_samples(out, "items")}
+    assert texts["0"] == (
+        "VTECH CS6114 DECT 6.0 Cordless Phone, White/Grey, 1 Handset. Brand: VTech. "
+        "Categories: Office Electronics, Telephones & Accessories, Cordless Telephones."
+    )  # LC-Rec's template; the empty description leaves nothing
+
+
+@pytest.mark.parametrize("name", ["games", "office"])
+def test_published_builds_verify_and_rebuild_byte_identical(name: str, request, tmp_path: Path) -> None:
+    out, _ = request.getfixturevalue(name)
+    assert verify(out) == []
+    again, _ = build_published(f"amazon-{name}", tmp_path / "again")
+    digests = [{p.name: sha256_file(p) for p in sorted(folder.iterdir())} for folder in (out, again)]
+    assert digests[0] == digests[1] and "manifest.json" in digests[0]
