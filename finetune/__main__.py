@@ -1,4 +1,4 @@
-"""``python -m finetune --from PRETRAINED_EXPORT|none --data SHARDS [SHARDS ...] --mode full|lora|adapter|top
+"""``python -m finetune --from PRETRAINED_EXPORT|none --data SHARDS [SHARDS ...] --mode full|lora|adapter|frozen|top
 [--config FILE] [section.field=value ...] [--resume]``
 
 Also ``deepspeed --module finetune ...`` and ``torchrun -m finetune ...``, as for pretraining.
@@ -11,9 +11,10 @@ import json
 import re
 import sys
 from collections.abc import Sequence
+from typing import get_args
 
 from pretrain.cli import add_config_arguments, add_run_arguments, setup_logging
-from pretrain.config import config_help, to_dict
+from pretrain.config import FinetuneMode, config_help, to_dict
 
 DESCRIPTION = """\
 Transfer a pretrained model (python -m pretrain's run.out_dir/model) to target domains. The model is rebuilt from
@@ -32,6 +33,8 @@ modes (--mode, finetune.mode):
             finetune.lora_top_layers=K: LoRA in the last K blocks of each item backbone only, so the frozen blocks
             below run once per item (model.*.cache_frozen) instead of at every step
   adapter   only pooling, projections and fusion (MISSRec's adapters); backbones and user encoder frozen
+  frozen    pooling, projections, fusion and the user encoder; the item backbones frozen (UniSRec / MISSRec's
+            frozen-text setting; with model.*.cache_frozen each item's backbone output is computed once)
   top       the finetune.top_layers last blocks of each item backbone (TransRec) and everything outside them
 With finetune.id_embeddings=true every mode also trains fresh item-ID embeddings of the target catalog. The mode
 sets model.text.trainable and model.image.trainable (so they are not set by hand). Trainable parameters per part
@@ -83,7 +86,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_source_arguments(p)
-    p.add_argument("--mode", choices=["full", "lora", "adapter", "top"], help="what trains (finetune.mode)")
+    p.add_argument("--mode", choices=list(get_args(FinetuneMode)), help="what trains (finetune.mode)")
     add_config_arguments(p)
     add_run_arguments(p)
     return split_data(p.parse_intermixed_args(argv))

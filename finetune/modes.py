@@ -8,6 +8,8 @@ lora       LoRA on the text and image backbones' attention and the user encoder'
            projections and fusion; everything else frozen. ResNet and ConvNeXt have no attention: by
            default they get no LoRA and the image encoder trains its projection only.
 adapter    pooling, projections and fusion only (MISSRec's adapters); backbones and user encoder frozen
+frozen     pooling, projections, fusion and the user encoder; the item backbones frozen (UniSRec / MISSRec's
+           frozen-text setting: each item's backbone output can be cached once)
 top        the ``finetune.top_layers`` last blocks (+ final norm) of each item backbone (TransRec), and
            everything outside the backbones (pooling, projections, fusion, user encoder)
 =========  ===========================================================================================
@@ -37,9 +39,11 @@ log = logging.getLogger(__name__)
 PARTS = ("text.backbone", "text.head", "image.backbone", "image.head", "fusion", "user", "ids")
 """The parts of a Recommender, in the order of reports."""
 
-BACKBONE_TRAINABLE = {"full": "all", "top": "top", "adapter": "none", "lora": "none"}
+BACKBONE_TRAINABLE = {"full": "all", "top": "top", "adapter": "none", "frozen": "none", "lora": "none"}
 """finetune.mode -> model.text.trainable and model.image.trainable."""
 
+USER_TRAINS = ("full", "frozen", "top")
+"""The modes in which the user encoder trains (whole)."""
 USER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 """LoRA targets of the user encoder: its attention's explicit projections (pretrain/user.py)."""
 TEXT_TARGETS = ["query", "value"]
@@ -199,12 +203,12 @@ def lora_layers(model: nn.Module) -> dict[str, list[str]]:
 
 def apply_mode(model: Recommender, cfg: TrainConfig) -> dict[str, list[str]]:
     """Set what trains beyond the item backbones (whose part the config already set, :func:`mode_overrides`):
-    the user encoder trains in 'full' and 'top', LoRA is added in 'lora'. Returns the LoRA-adapted layers per
-    part ({} outside 'lora')."""
+    the user encoder trains in 'full', 'frozen' and 'top', LoRA is added in 'lora'. Returns the LoRA-adapted
+    layers per part ({} outside 'lora')."""
     mode = cfg.finetune.mode
     expected = BACKBONE_TRAINABLE[mode]
     for part in ("text", "image"):
         c = getattr(cfg.model, part)
         assert not c.enabled or c.trainable == expected, f"config not resolved for mode {mode}: {part} {c.trainable}"
-    model.user.requires_grad_(mode in ("full", "top"))
+    model.user.requires_grad_(mode in USER_TRAINS)
     return add_lora(model, cfg) if mode == "lora" else {}

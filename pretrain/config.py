@@ -530,7 +530,7 @@ class RunConfig(_Section):
         )
 
 
-FinetuneMode = Literal["full", "lora", "adapter", "top"]
+FinetuneMode = Literal["full", "lora", "adapter", "frozen", "top"]
 
 
 @dataclass
@@ -547,8 +547,10 @@ class FinetuneConfig(_Section):
     """What trains. 'full': every parameter. 'lora': Hugging Face PEFT LoRA on the attention of the text and
     image backbones and on the user encoder's q/k/v/o, plus pooling, projections and fusion (ResNet and ConvNeXt
     have no attention: by default no LoRA there, the image encoder trains its projection only). 'adapter' (MISSRec):
-    pooling, projections and fusion only. 'top' (TransRec): the top_layers last blocks of each item backbone plus
-    everything outside the backbones. In every mode, fresh item-ID embeddings (id_embeddings) train too."""
+    pooling, projections and fusion only. 'frozen' (UniSRec / MISSRec's frozen-text setting): the item backbones
+    frozen (their output cacheable once per item), pooling, projections, fusion and the user encoder train. 'top'
+    (TransRec): the top_layers last blocks of each item backbone plus everything outside the backbones. In every
+    mode, fresh item-ID embeddings (id_embeddings) train too."""
     top_layers: int = 2
     """With mode='top': trained last blocks (transformer layers, ResNet/ConvNeXt stages) of each item backbone."""
     id_embeddings: bool | None = None

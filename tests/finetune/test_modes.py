@@ -86,6 +86,14 @@ def test_adapter_trains_the_heads_only(pretrained, domains) -> None:
     assert prep.params["all"]["trainable"] == heads and prep.params["user"]["trainable"] == 0
 
 
+def test_frozen_trains_everything_outside_the_backbones(pretrained, domains) -> None:
+    model, prep = prepared(resolved(pretrained, domains, "frozen"))
+    assert set(trainable(model)) == {"text.head", "image.head", "user"}  # sum fusion has no parameters
+    assert all(fully_trainable(model, p) for p in ("text.head", "image.head", "user"))
+    assert prep.params["text.backbone"]["trainable"] == prep.params["image.backbone"]["trainable"] == 0
+    assert prep.params["user"]["trainable"] == prep.params["user"]["total"] > 0
+
+
 def test_top_trains_the_last_blocks_and_what_is_outside_the_backbones(pretrained, domains) -> None:
     model, prep = prepared(resolved(pretrained, domains, "top"))
     names = trainable(model)
@@ -181,7 +189,7 @@ def test_a_changed_architecture_is_refused_naming_the_tensors(pretrained, domain
 # ---- save and reload ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["full", "lora", "adapter", "top"])
+@pytest.mark.parametrize("mode", ["full", "lora", "adapter", "frozen", "top"])
 def test_save_and_reload_give_identical_scores(pretrained, domains, tmp_path: Path, mode: str) -> None:
     cfg = resolved(pretrained, domains, mode, "finetune.lora_dropout=0.1")
     model, prep = prepared(cfg)
