@@ -61,9 +61,17 @@ class ScalingConfig(_Section):
     """Seed of the source subsets and of pretraining (each source fraction is pretrained once, for all seeds)."""
     mode: FinetuneMode = "lora"
     """Finetuning mode of the pretrained cells (python -m finetune --mode)."""
-    control_mode: FinetuneMode = "full"
-    """Mode of the no-pretraining cells (source fraction 0, python -m finetune --from none): 'full' trains the
-    model from scratch; the same mode as ``mode`` (e.g. 'top') makes the two differ only in their start."""
+    control_mode: FinetuneMode | None = None
+    """Mode of the no-pretraining cells (source fraction 0, python -m finetune --from none). None: the same as
+    ``mode`` (matched arms: the control trains exactly the parts the transfer arm trains, from the same
+    initialisation of everything that is not pretrained, so the two differ only in their start); another mode
+    (e.g. 'full': the model trained from scratch) is a different comparison, and every table and figure says so."""
+
+    @property
+    def control(self) -> FinetuneMode:
+        """The control cells' mode."""
+        return self.control_mode or self.mode
+
     id_baseline: bool = True
     """Also train the ID-based baseline (SASRec, baseline_config) on each target fraction and seed."""
     pretrain_config: list[str] = field(default_factory=lambda: ["launch/configs/small_cpu.toml"])

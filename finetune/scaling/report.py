@@ -144,16 +144,63 @@ def figure(rows: list[dict[str, str]]) -> Any:
         ax.set_ylabel(f"test {metric.upper()} (full ranking)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("momrec scaling study: mean over seeds, band = min..max")
+    fig.suptitle("momrec scaling study: mean over seeds, band = min..max\n" + arms(rows), fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def arms(rows: list[dict[str, str]]) -> str:
+    """Which modes the transfer cells and their no-pretraining controls finetuned in, and whether they match."""
+    pretrained = sorted({r["mode"] for r in rows if r["kind"] == "content" and number(r["source_fraction"])})
+    control = sorted({r["mode"] for r in rows if r["kind"] == "content" and not number(r["source_fraction"])})
+    if not pretrained or not control:
+        return f"Finetuning mode: {', '.join(pretrained or control) or 'none'}."
+    if pretrained == control:
+        return (f"Pretrained cells and their no-pretraining controls finetune in the same mode ({', '.join(control)}):"
+                " matched arms, which differ only in their start.")  # fmt: skip
+    return (
+        f"NOT matched arms: pretrained cells finetune in mode {', '.join(pretrained)}, the no-pretraining "
+        f"controls in mode {', '.join(control)}, so their difference mixes pretraining with what trains."
+    )
+
+
+def gain_text(row: dict[str, str], metric: str) -> str:
+    """``+0.0123 [-0.0020, +0.0251] gain`` (the verdict only where the interval excludes 0), or '' without one."""
+    mean, low, high = (number(row.get(f"gain_{metric}{end}", "")) for end in ("", "_low", "_high"))
+    if mean is None or low is None or high is None:
+        return ""
+    verdict = " gain" if low > 0 else " loss" if high < 0 else ""
+    return f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]{verdict}"
+
+
+def gain_table(rows: list[dict[str, str]], metric: str) -> list[str]:
+    """Per target fraction and source fraction: each seed's paired gain over its control, with its interval."""
+    cells: dict[tuple[float, float], list[str]] = defaultdict(list)
+    for row in rows:
+        text = gain_text(row, metric) if row["kind"] == "content" else ""
+        if text:
+            cells[float(row["target_fraction"]), float(row["source_fraction"])].append(f"s{row['seed']}: {text}")
+    if not cells:
+        return []
+    sources = sorted({s for _, s in cells})
+    header = ["target", *(f"source {fraction_name(f)}" for f in sources)]
+    lines = [f"## gain over no pretraining, test {metric.upper()}", "",
+             "Per seed: mean per-user difference (pretrained - control) on the same test users and catalog, with a "
+             "paired bootstrap 95 % interval; 'gain' / 'loss' only where the interval excludes 0.", "",
+             "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]  # fmt: skip
+    for target in sorted({t for t, _ in cells}):
+        texts = ["<br>".join(cells.get((target, f), [])) for f in sources]
+        lines.append(f"| {fraction_name(target)} | " + " | ".join(texts) + " |")
+    return [*lines, ""]
 
 
 def markdown(rows: list[dict[str, str]]) -> str:
     seeds = sorted({r["seed"] for r in rows})
     lines = [f"# Scaling study ({len(rows)} cells, seeds {', '.join(seeds)})", "",
-             "Full-ranking test metrics on the whole target test split; mean ± standard deviation over seeds.",
-             ""]  # fmt: skip
+             "Full-ranking test metrics on the whole target test split; mean ± standard deviation over seeds. "
+             + arms(rows), ""]  # fmt: skip
+    for metric in CURVE_METRICS:
+        lines += gain_table(rows, metric)
     for metric in CURVE_METRICS:
         table = curves(rows, metric)
         if not table:

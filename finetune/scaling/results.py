@@ -13,10 +13,16 @@ from .grid import Cell, fraction_name
 
 METRICS = ("ndcg@10", "hr@10", "mrr@10", "ndcg@20", "hr@20", "ndcg@50", "hr@50")
 """Full-ranking test metrics of the whole target test split, from the run's ``test/full/<metric>``."""
+GAIN_METRICS = ("ndcg@10", "hr@10")
+"""A pretrained cell's paired gain over its control cell: ``gain_<metric>`` (mean per-user difference on the
+target's test users) and its 95 % bootstrap interval ``gain_<metric>_low`` .. ``_high`` (pretrain.paired)."""
+
+
 COLUMNS = (
     "cell", "kind", "source_fraction", "target_fraction", "seed", "mode",
     "source_users", "source_interactions", "target_users", "target_interactions",
     *METRICS, "pop_ndcg@10", "pop_hr@10",
+    *(f"gain_{m}{end}" for m in GAIN_METRICS for end in ("", "_low", "_high")),
     "trainable_params", "total_params", "steps", "best_step",
     "pretrain_s", "train_s", "wall_s", "peak_rss_gb", "cuda_max_allocated_gb", "device", "finished",
 )  # fmt: skip

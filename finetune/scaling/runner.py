@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pretrain import paired
 from shards.progress import bar
 
 from . import results
@@ -138,7 +139,7 @@ class Study:
         architecture = [o for o in c.pretrain_overrides if o.startswith("model.")]
         layers = [*_configs(c.pretrain_config), *_configs(c.finetune_config), *architecture, *c.finetune_overrides]
         if not cell.source_fraction:
-            return ["--from", "none", "--data", target, "--mode", c.control_mode, *layers, *common]
+            return ["--from", "none", "--data", target, "--mode", c.control, *layers, *common]
         model = self.pretrained(cell.source_fraction)
         if model is None:
             return None
@@ -159,8 +160,27 @@ class Study:
         summary = json.loads(summary_file.read_text(encoding="utf-8"))
         source = sizes(self.layout.sources(cell.source_fraction)) if cell.source_fraction else (0, 0)
         mode = summary["mode"]
-        return results.row(cell, mode, summary, source, sizes([target]), self.pretrain_seconds(cell.source_fraction),
-                           time.monotonic() - start, self.device)  # fmt: skip
+        row = results.row(cell, mode, summary, source, sizes([target]), self.pretrain_seconds(cell.source_fraction),
+                          time.monotonic() - start, self.device)  # fmt: skip
+        return {**row, **self.gains(cell)}
+
+    def gains(self, cell: Cell) -> dict[str, float]:
+        """A pretrained cell's paired gain over its control (the no-pretraining cell of the same target fraction
+        and seed), per user of the target's test split, with bootstrap intervals (:mod:`pretrain.paired`); {}
+        for other cells, or when either has no per-user results."""
+        if cell.kind != "content" or not cell.source_fraction:
+            return {}
+        control = Cell("content", 0.0, cell.target_fraction, cell.seed)
+        found = [sorted(self.layout.cell_dir(c).glob("eval-*.json")) for c in (cell, control)]
+        if not all(len(f) == 1 for f in found):
+            log.warning("%s: no paired gain (per-user results: %s)", cell.name, found)
+            return {}
+        a, b = (paired.load_ranks(f[0]) for f in found)
+        out = {}
+        for metric in results.GAIN_METRICS:
+            gain = paired.compare([a], [b], metric).gain
+            out.update({f"gain_{metric}": gain.mean, f"gain_{metric}_low": gain.low, f"gain_{metric}_high": gain.high})
+        return out
 
     # ---- the study ------------------------------------------------------------------------------------
 

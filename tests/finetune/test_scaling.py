@@ -79,6 +79,17 @@ def test_bad_study_configs_are_errors_naming_the_key(override: str, message: str
         load_study([], [override])
 
 
+def test_the_control_mode_defaults_to_the_transfer_mode_and_reports_say_whether_arms_match() -> None:
+    from finetune.scaling.report import arms
+
+    assert ScalingConfig(mode="frozen").control == "frozen" and ScalingConfig(control_mode="full").control == "full"
+    rows = [{"kind": "content", "source_fraction": f, "mode": m} for f, m in (("0", "top"), ("0.5", "top"))]
+    assert arms(rows).startswith("Pretrained cells and their no-pretraining controls finetune in the same mode (top)")
+    rows[0]["mode"] = "full"
+    assert arms(rows).startswith("NOT matched arms: pretrained cells finetune in mode top, the no-pretraining "
+                                 "controls in mode full")  # fmt: skip
+
+
 def test_every_shipped_study_file_loads() -> None:
     files = sorted((REPO / "launch" / "studies").glob("*.toml"))
     assert {f.name for f in files} >= {"demo.toml", "real.toml"}
@@ -163,13 +174,20 @@ def _check_rows(rows: dict[str, dict[str, str]]) -> None:
         assert 0.0 <= float(row["ndcg@10"]) <= float(row["hr@10"]) <= 1.0
         assert row["pop_ndcg@10"] == control["pop_ndcg@10"]  # all ranked on the whole target's test split
     assert pretrained["pretrain_s"] and not control["pretrain_s"]
+    for metric in ("ndcg@10", "hr@10"):  # the paired gain over the control, on the same test users
+        gain, low, high = (float(pretrained[f"gain_{metric}{end}"]) for end in ("", "_low", "_high"))
+        assert gain == pytest.approx(float(pretrained[metric]) - float(control[metric]), abs=2e-6)
+        assert low <= gain <= high
+        assert control[f"gain_{metric}"] == ident[f"gain_{metric}"] == ""
 
 
 def _check_reports(out: Path, rows: dict[str, dict[str, str]]) -> None:
     assert cli.main(["--report", f"scaling.out_dir={out}", *_cli_settings(out)]) == 0
     with Image.open(out / "scaling.png") as png:
         assert png.size[0] > 500 and png.size[1] > 300
-    assert "| 0.5 (15) |" in (out / "scaling.md").read_text()
+    md = (out / "scaling.md").read_text()
+    assert "| 0.5 (15) |" in md and "NOT matched arms: pretrained cells finetune in mode adapter" in md
+    assert "## gain over no pretraining, test NDCG@10" in md and "| 0.5 | s0: " in md
     curves = EventAccumulator(str(out / "tb" / "curves")).Reload()
     steps = [e.step for e in curves.Scalars("ndcg@10/target_0.5")]
     assert steps == [0, int(rows["src1-tgt0.5-seed0"]["source_interactions"])]
