@@ -175,3 +175,20 @@ def test_fusions_with_their_own_parameters_train_under_deepspeed(folders, tmp_pa
     more = [f"model.fusion.kind={kind}", "optim.max_steps=2", "optim.warmup_steps=1", "run.eval_every=0"]
     last = train(config(folders, tmp_path / kind, *more, "run.eval_users=8"))
     assert math.isfinite(last["loss/total"]) and "valid/ndcg@10" in last
+
+
+def test_pretraining_validates_zero_shot_on_a_domain_it_does_not_train_on(folders, tmp_path: Path) -> None:
+    """Trained on books, validated on movies only (not in the training stream): from step 0, so the best model is
+    the one that transfers best, which may be the start."""
+    out = tmp_path / "run"
+    valid = f"data.valid_domains={json.dumps(folders[1:])}"
+    cfg = config(folders[:1], out, "optim.max_steps=2", "optim.warmup_steps=1", valid, "run.eval_every=1",
+                 "run.keep_best=true", "run.eval_users=0")  # fmt: skip
+    summary = train(cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    validations = {r["step"]: r for r in rows if "valid/ndcg@10" in r}
+    assert sorted(validations) == [0, 1, 2]
+    assert {r["valid/users"] for r in validations.values()} == {30.0}  # movies' users, not books'
+    best = max(validations, key=lambda s: (validations[s]["valid/ndcg@10"], -s))  # the first of equal scores
+    assert summary["run/best_step"] == best and summary["run/best_score"] == validations[best]["valid/ndcg@10"]
+    assert (out / "best" / "config.json").is_file()
