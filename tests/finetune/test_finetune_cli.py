@@ -29,19 +29,26 @@ def trained(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def script_validation(monkeypatch, scores: list[float]) -> list[dict[str, torch.Tensor]]:
+    """Validations return ``scores`` in turn; the returned list receives the trained weights at each one."""
+    snapshots: list[dict[str, torch.Tensor]] = []
+    left = iter(scores)
+
+    def scripted_validation(engine, cfg, folders, dist, factory):
+        snapshots.append(trained(engine.module))
+        return {"valid/ndcg@10": next(left), "valid/hr@10": 0.5}
+
+    monkeypatch.setattr(validate, "quick_validation", scripted_validation)
+    return snapshots
+
+
 def test_early_stopping_keeps_the_best_and_resumes_into_the_same_stop(
     pretrained, domains, tmp_path: Path, monkeypatch, lone_process, caplog
 ) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    scores = iter([0.1, 0.3, 0.2, 0.25, 0.9])  # best at step 2, then two validations without improvement
-    snapshots: list[dict[str, torch.Tensor]] = []
-
-    def scripted_validation(engine, cfg, folders, dist, factory):
-        snapshots.append(trained(engine.module))
-        return {"valid/ndcg@10": next(scores), "valid/hr@10": 0.5}
-
-    monkeypatch.setattr(validate, "quick_validation", scripted_validation)
+    # best at step 2, then two validations without improvement
+    snapshots = script_validation(monkeypatch, [0.1, 0.3, 0.2, 0.25, 0.9])
     out = tmp_path / "run"
     args = argv(pretrained, domains, out, "lora", "optim.max_steps=10", "run.eval_every=1", "run.log_every=2",
                 "run.early_stop_patience=2", "run.save_every=100", "run.eval_at_start=false")  # fmt: skip
@@ -87,14 +94,8 @@ def test_early_stopping_keeps_the_best_and_resumes_into_the_same_stop(
 def test_the_start_is_validated_and_kept_as_best_when_training_only_hurts(
     pretrained, domains, tmp_path: Path, monkeypatch, lone_process
 ) -> None:
-    scores = iter([0.4, 0.1, 0.2, 0.3])  # step 0 (the pretrained model with fresh adapters) beats every later one
-    snapshots: list[dict[str, torch.Tensor]] = []
-
-    def scripted_validation(engine, cfg, folders, dist, factory):
-        snapshots.append(trained(engine.module))
-        return {"valid/ndcg@10": next(scores), "valid/hr@10": 0.5}
-
-    monkeypatch.setattr(validate, "quick_validation", scripted_validation)
+    # step 0 (the pretrained model with fresh adapters) beats every later validation
+    snapshots = script_validation(monkeypatch, [0.4, 0.1, 0.2, 0.3])
     out = tmp_path / "run"
     args = argv(pretrained, domains, out, "lora", "optim.max_steps=10", "run.eval_every=1", "run.early_stop_patience=2")
     assert main(args) == 0
