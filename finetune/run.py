@@ -1,15 +1,17 @@
 """A finetuning run: the config resolved from the pretrained run's, the pretrain engine with finetune's model
 factory and exporter, and a summary of what it cost.
 
-Config precedence (later wins): defaults < ``run.out_dir=runs/finetune``, ``run.keep_best=true`` < the pretrained
-run's ``model``, ``data.stream`` and ``loss`` sections < ``--config`` files < ``--from`` / ``--data`` / ``--mode``
-< ``section.field=value`` overrides < what the mode implies (:func:`finetune.modes.mode_overrides`). With ``--from
-none`` there is no pretrained layer: the architecture comes from the files (the preset the pretraining used).
+Config precedence (later wins): defaults < ``run.out_dir=runs/finetune``, ``run.keep_best=true``,
+``run.keep_start=true`` < the pretrained run's ``model``, ``data.stream`` and ``loss`` sections < ``--config`` files
+< ``--from`` / ``--data`` / ``--mode`` < ``section.field=value`` overrides < what the mode implies
+(:func:`finetune.modes.mode_overrides`). With ``--from none`` there is no pretrained layer: the architecture comes
+from the files (the preset the pretraining used).
 
 The run writes what pretraining writes (config.json, metrics.jsonl, tb/, checkpoints/), with ``model/`` and
 ``best/`` in finetune's format (:mod:`finetune.export`), and ``summary.json``: trainable parameters per part, the
 weights transferred and skipped, steps, time per epoch, peak memory, the best validation, and the
-full-ranking test metrics (pretrain.evaluate) of the best model.
+full-ranking test metrics (pretrain.evaluate) of the best model and (``test_start``) of the start: the zero-shot
+score of the pretrained model, or of the untrained control.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 
 NONE = "none"
 """``--from none``: the no-pretraining control."""
-DEFAULTS = {"run": {"out_dir": "runs/finetune", "keep_best": True}}
+DEFAULTS = {"run": {"out_dir": "runs/finetune", "keep_best": True, "keep_start": True}}
 """Finetuning's own defaults, below everything else."""
 SUMMARY = "summary.json"
 
@@ -151,19 +153,22 @@ def finetune(cfg: TrainConfig) -> dict[str, Any]:
     metrics = train(cfg, model_factory=job.model, exporter=job.export)
     assert job.prepared is not None
     summary = make_summary(cfg, job.prepared, metrics)
-    summary["test"] = evaluate_best(Path(cfg.run.out_dir) / "best", cfg)
+    out = Path(cfg.run.out_dir)
+    summary["test"] = evaluate_best(out / "best", cfg)
+    if (out / "start").is_dir():  # zero-shot: the model finetuning started from, before any step
+        summary["test_start"] = evaluate_best(out / "start", cfg, tag="start-")
     if _rank() == 0:
         _write_summary(cfg, summary)
     return summary
 
 
-def evaluate_best(folder: Path, cfg: TrainConfig) -> dict[str, float]:
+def evaluate_best(folder: Path, cfg: TrainConfig, tag: str = "") -> dict[str, float]:
     """Full-ranking test metrics (:func:`pretrain.ranking.evaluate_domain`) of the model in ``folder`` (the best
     one, or the last when no best was kept) on the test split of every validation domain (the target domains
     unless data.valid_domains names others, e.g. the whole domain of a user subset): ``test/full/...`` for one
     domain, ``test/<domain>/full/...`` per domain when there are several; each domain's result, with every user's
-    rank, also goes to ``run.out_dir/eval-<domain>.json`` (as ``python -m pretrain.evaluate`` writes it). Every rank
-    must call it."""
+    rank, also goes to ``run.out_dir/eval-<tag><domain>.json`` (as ``python -m pretrain.evaluate`` writes it). Every
+    rank must call it."""
     from pretrain.evaluate import result_document, write_json
     from pretrain.ranking import EvalOptions, evaluate_domain
     from pretrain.validate import catalog_folders, valid_folders
@@ -181,7 +186,7 @@ def evaluate_best(folder: Path, cfg: TrainConfig) -> dict[str, float]:
         domain = position[catalog_id(data)]
         evaluated = evaluate_domain(model, data, domain, cfg.data.stream, opts)
         if _rank() == 0:  # with each user's rank, for paired comparisons (python -m pretrain.paired)
-            path = Path(cfg.run.out_dir) / f"eval-{evaluated.domain}.json"
+            path = Path(cfg.run.out_dir) / f"eval-{tag}{evaluated.domain}.json"
             write_json(path, result_document(evaluated, folder, domain, True, opts))
         result = evaluated.metrics()
         if len(folders) == 1:
@@ -226,6 +231,7 @@ def make_summary(cfg: TrainConfig, prepared: Prepared, metrics: dict[str, float]
         },
         "memory": _peak_memory_gb(metrics),
         "test": None,
+        "test_start": None,
     }
 
 
@@ -241,6 +247,7 @@ def summary_scalars(summary: dict[str, Any]) -> dict[str, float]:
     if summary["best"] is not None:
         out["finetune/best_step"] = float(summary["best"]["step"])
     out.update(summary["test"] or {})
+    out.update({f"start/{k}": v for k, v in (summary.get("test_start") or {}).items()})
     return out
 
 

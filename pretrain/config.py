@@ -518,6 +518,10 @@ class RunConfig(_Section):
     early_stop_patience: int = 0
     """Stop when this many validations in a row did not improve valid/ndcg@10 on the best so far (0: off); the
     best model is in out_dir/best."""
+    keep_start: bool = False
+    """Export the model as it starts (before the first step; not when resuming) to out_dir/start, in the format
+    of out_dir/model: python -m finetune defaults it to true and tests it too, so that every finetuning reports
+    the zero-shot score of its start (the pretrained model, or the untrained control) next to the trained one."""
 
     def _validate(self) -> None:
         _check(bool(self.out_dir), "run.out_dir", "must not be empty")

@@ -479,6 +479,8 @@ def loop(run: Run) -> dict[str, float]:
     bar = tqdm(total=max_steps, initial=run.step, unit="step", desc="pretrain", disable=bar_off, dynamic_ncols=True)
     if run.step == 0 and cfg.run.eval_at_start and _validates(cfg):
         last = _validate(run)
+    if run.step == 0 and cfg.run.keep_start:
+        run.export(engine, cfg, run.catalog, run.out_dir / "start")
     engine.train()
     run.meter.restart()
     with bar, contextlib.closing(_epoch_batches(run)) as batches:

@@ -194,11 +194,34 @@ def gain_table(rows: list[dict[str, str]], metric: str) -> list[str]:
     return [*lines, ""]
 
 
+def zero_shot_table(rows: list[dict[str, str]]) -> list[str]:
+    """Each source fraction's start model on the target test split, before finetuning (0: the untrained one)."""
+    groups: dict[float, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if row["kind"] == "content":
+            for metric in CURVE_METRICS:
+                value = number(row.get(f"start_{metric}", ""))
+                if value is not None:
+                    groups[float(row["source_fraction"])][metric].append(value)
+    if not groups:
+        return []
+    lines = ["## zero-shot: the start of finetuning on the target test split", "",
+             "Source 0 is the untrained model (the controls' start); the others are the pretrained models, before "
+             "any target data. Mean over the cells that start from it (their fresh heads differ by seed).", "",
+             "| source | " + " | ".join(f"test {m.upper()}" for m in CURVE_METRICS) + " |",
+             "|---" * (len(CURVE_METRICS) + 1) + "|"]  # fmt: skip
+    for source, values in sorted(groups.items()):
+        cells = [f"{statistics.fmean(values[m]):.4f}" if values[m] else "" for m in CURVE_METRICS]
+        lines.append(f"| {fraction_name(source)} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def markdown(rows: list[dict[str, str]]) -> str:
     seeds = sorted({r["seed"] for r in rows})
     lines = [f"# Scaling study ({len(rows)} cells, seeds {', '.join(seeds)})", "",
              "Full-ranking test metrics on the whole target test split; mean ± standard deviation over seeds. "
              + arms(rows), ""]  # fmt: skip
+    lines += zero_shot_table(rows)
     for metric in CURVE_METRICS:
         lines += gain_table(rows, metric)
     for metric in CURVE_METRICS:

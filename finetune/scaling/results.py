@@ -12,7 +12,9 @@ from typing import Any
 from .grid import Cell, fraction_name
 
 METRICS = ("ndcg@10", "hr@10", "mrr@10", "ndcg@20", "hr@20", "ndcg@50", "hr@50")
-"""Full-ranking test metrics of the whole target test split, from the run's ``test/full/<metric>``."""
+"""Full-ranking test metrics of the whole target test split, from the run's ``test/full/<metric>``; the same at
+the start of finetuning (``start_ndcg@10``, ``start_hr@10``: the pretrained model zero-shot, or the untrained
+control)."""
 GAIN_METRICS = ("ndcg@10", "hr@10")
 """A pretrained cell's paired gain over its control cell: ``gain_<metric>`` (mean per-user difference on the
 target's test users) and its 95 % bootstrap interval ``gain_<metric>_low`` .. ``_high`` (pretrain.paired)."""
@@ -21,7 +23,7 @@ target's test users) and its 95 % bootstrap interval ``gain_<metric>_low`` .. ``
 COLUMNS = (
     "cell", "kind", "source_fraction", "target_fraction", "seed", "mode",
     "source_users", "source_interactions", "target_users", "target_interactions",
-    *METRICS, "pop_ndcg@10", "pop_hr@10",
+    *METRICS, "pop_ndcg@10", "pop_hr@10", "start_ndcg@10", "start_hr@10",
     *(f"gain_{m}{end}" for m in GAIN_METRICS for end in ("", "_low", "_high")),
     "trainable_params", "total_params", "steps", "best_step",
     "pretrain_s", "train_s", "wall_s", "peak_rss_gb", "cuda_max_allocated_gb", "device", "finished",
@@ -76,7 +78,7 @@ def row(
     device: str,
 ) -> dict[str, Any]:
     """The CSV row of a finished cell from its finetune ``summary`` (summary.json)."""
-    test = summary["test"] or {}
+    test, start = summary["test"] or {}, summary.get("test_start") or {}
     best = summary.get("best") or {}
     return {
         "cell": cell.name,
@@ -92,6 +94,8 @@ def row(
         **{m: test.get(f"test/full/{m}") for m in METRICS},
         "pop_ndcg@10": test.get("test/full/pop/ndcg@10"),
         "pop_hr@10": test.get("test/full/pop/hr@10"),
+        "start_ndcg@10": start.get("test/full/ndcg@10"),  # zero-shot: the start, before finetuning
+        "start_hr@10": start.get("test/full/hr@10"),
         "trainable_params": summary["params"]["all"]["trainable"],
         "total_params": summary["params"]["all"]["total"],
         "steps": summary["steps"],

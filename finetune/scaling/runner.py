@@ -171,7 +171,7 @@ class Study:
         if cell.kind != "content" or not cell.source_fraction:
             return {}
         control = Cell("content", 0.0, cell.target_fraction, cell.seed)
-        found = [sorted(self.layout.cell_dir(c).glob("eval-*.json")) for c in (cell, control)]
+        found = [_test_results(self.layout.cell_dir(c)) for c in (cell, control)]
         if not all(len(f) == 1 for f in found):
             log.warning("%s: no paired gain (per-user results: %s)", cell.name, found)
             return {}
@@ -220,6 +220,11 @@ class Study:
         if failed:
             log.error("%d cells failed (%s); run the study again to retry them", len(failed), ", ".join(failed))
         return len(failed)
+
+
+def _test_results(run_dir: Path) -> list[Path]:
+    """The finetuned model's per-user test results in a cell's run folder (not those of its start)."""
+    return sorted(p for p in run_dir.glob("eval-*.json") if not p.name.startswith("eval-start-"))
 
 
 def _configs(files: Sequence[str]) -> list[str]:

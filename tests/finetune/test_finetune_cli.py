@@ -75,8 +75,10 @@ def test_early_stopping_keeps_the_best_and_resumes_into_the_same_stop(
     assert summary["transfer"]["skipped"] == ["interests", "prototype_of"]
     assert summary["time"]["s_per_epoch"] > 0 and summary["memory"]["peak_rss_gb"] > 0
     assert summary["test"]["test/users"] > 0 and 0 <= summary["test"]["test/full/ndcg@10"] <= 1  # of the best
-    (evaluated,) = out.glob("eval-*.json")  # with every test user's rank, for paired comparisons
-    assert len(load_ranks(evaluated)) == summary["test"]["test/users"]
+    evaluated = sorted(out.glob("eval-*.json"))  # with every test user's rank, for paired comparisons
+    assert [p.name.startswith("eval-start-") for p in evaluated] == [False, True]
+    assert all(len(load_ranks(p)) == summary["test"]["test/users"] for p in evaluated)
+    assert summary["test_start"]["test/users"] == summary["test"]["test/users"]  # the start, tested too
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["finetune/trainable_params"] == params["all"]["trainable"]
     acc = EventAccumulator(str(out / "tb"))
@@ -106,6 +108,9 @@ def test_the_start_is_validated_and_kept_as_best_when_training_only_hurts(
     best, _, _ = load_finetuned(out / "best", merge=False)
     params_best = dict(best.named_parameters())
     assert all(torch.equal(params_best[n], t) for n, t in snapshots[0].items())  # the untouched start
+    start, _, _ = load_finetuned(out / "start", merge=False)  # exported before the first step, and tested
+    assert all(torch.equal(dict(start.named_parameters())[n], t) for n, t in snapshots[0].items())
+    assert summary["test_start"] == summary["test"]  # the best is the start: the same model, the same numbers
     assert any(not torch.equal(snapshots[0][n], snapshots[2][n]) for n in snapshots[0])  # training did move it
 
 

@@ -179,6 +179,8 @@ def _check_rows(rows: dict[str, dict[str, str]]) -> None:
         assert gain == pytest.approx(float(pretrained[metric]) - float(control[metric]), abs=2e-6)
         assert low <= gain <= high
         assert control[f"gain_{metric}"] == ident[f"gain_{metric}"] == ""
+        for row in (control, pretrained):  # zero-shot: the start of finetuning, tested before any step
+            assert 0.0 <= float(row[f"start_{metric}"]) <= 1.0
 
 
 def _check_reports(out: Path, rows: dict[str, dict[str, str]]) -> None:
@@ -188,6 +190,10 @@ def _check_reports(out: Path, rows: dict[str, dict[str, str]]) -> None:
     md = (out / "scaling.md").read_text()
     assert "| 0.5 (15) |" in md and "NOT matched arms: pretrained cells finetune in mode adapter" in md
     assert "## gain over no pretraining, test NDCG@10" in md and "| 0.5 | s0: " in md
+    assert (
+        "## zero-shot: the start of finetuning" in md
+        and f"| 1 | {float(rows['src1-tgt0.5-seed0']['start_ndcg@10']):.4f}" in md
+    )
     curves = EventAccumulator(str(out / "tb" / "curves")).Reload()
     steps = [e.step for e in curves.Scalars("ndcg@10/target_0.5")]
     assert steps == [0, int(rows["src1-tgt0.5-seed0"]["source_interactions"])]
