@@ -61,19 +61,34 @@ def false_negative_mask(
     *,
     item_ids_G: torch.Tensor | None = None,
     exclude_NG: torch.Tensor | None = None,
+    exclude_NU: torch.Tensor | None = None,
+    item_ids_U: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(N, G) bool, True for candidates to drop: columns holding the target's item again (same ``item_ids_G``,
-    i.e. copies gathered from other ranks), padding rows (``item_ids_G`` < 0), and ``exclude_NG``. The target
-    column itself is never dropped."""
+    i.e. copies gathered from other ranks), padding rows (``item_ids_G`` < 0), ``exclude_NG``, and every column
+    holding an item that ``exclude_NU`` drops from the local table (rows ``item_ids_U``; without ids, G = U and the
+    columns are the rows). The target column itself is never dropped."""
     drop_NG = torch.zeros(target_N.shape[0], n_columns, dtype=torch.bool, device=target_N.device)
     if item_ids_G is not None:
         drop_NG |= item_ids_G[None, :] == item_ids_G[target_N][:, None]
         drop_NG |= item_ids_G[None, :] < 0
     if exclude_NG is not None:
         drop_NG |= exclude_NG
+    if exclude_NU is not None:
+        drop_NG |= exclude_NU if item_ids_G is None else _spread(exclude_NU, item_ids_U, item_ids_G)
     rows_N = torch.arange(target_N.shape[0], device=target_N.device)
     drop_NG[rows_N, target_N] = False
     return drop_NG
+
+
+def _spread(exclude_NU: torch.Tensor, item_ids_U: torch.Tensor | None, item_ids_G: torch.Tensor) -> torch.Tensor:
+    """(N, G): ``exclude_NU`` over a gathered table, by item id (a local row's copies on other ranks too)."""
+    if item_ids_U is None:
+        raise ValueError("exclude_NU with a gathered table needs item_ids_U")
+    ids_U, order_U = item_ids_U.sort()
+    at_G = torch.searchsorted(ids_U, item_ids_G).clamp_max(len(ids_U) - 1)
+    local_G = torch.where(ids_U[at_G] == item_ids_G, order_U[at_G], -1)  # the local row of each column, or -1
+    return exclude_NU[:, local_G.clamp_min(0)] & (local_G >= 0)
 
 
 def sampled_softmax(
@@ -85,6 +100,7 @@ def sampled_softmax(
     log_q_U: torch.Tensor | None = None,
     item_ids_U: torch.Tensor | None = None,
     exclude_NG: torch.Tensor | None = None,
+    exclude_NU: torch.Tensor | None = None,
     gather: Callable[[torch.Tensor], torch.Tensor] = _identity,
 ) -> torch.Tensor:
     """In-batch sampled softmax (TransRec's and MISSRec's sequence-item objective): mean cross-entropy of each
@@ -94,7 +110,9 @@ def sampled_softmax(
     - ``item_ids_U``: an identity per row (e.g. ``domain << 40 | index``; -1 marks a padding row). Only needed
       with a gather hook: rows are distinct within a rank, but the same item can sit on several ranks, and
       those copies of the target are false negatives, so they are masked.
-    - ``exclude_NG``: further candidates to mask per user (e.g. the user's own history items).
+    - ``exclude_NG``: further candidates to mask per user, as columns of the gathered table.
+    - ``exclude_NU``: the same as rows of the local table (e.g. the user's own history items); with a gather
+      hook every gathered copy of such an item is masked (needs ``item_ids_U``).
     - ``gather``: called on ``items_UD``, ``log_q_U`` and ``item_ids_U``; must return every rank's tensor
       concatenated along dim 0 in rank order, gradients flowing back to the local slice (e.g.
       ``torch.cat(torch.distributed.nn.functional.all_gather(x))``; all_gather needs equal sizes, so pad each
@@ -108,7 +126,8 @@ def sampled_softmax(
     log_q_G = None if log_q_U is None else gather(log_q_U)
     item_ids_G = None if item_ids_U is None else gather(item_ids_U)
     logits_NG = sampled_softmax_logits(user_ND, items_GD, temperature=temperature, log_q_G=log_q_G)
-    drop_NG = false_negative_mask(target_N, items_GD.shape[0], item_ids_G=item_ids_G, exclude_NG=exclude_NG)
+    drop_NG = false_negative_mask(target_N, items_GD.shape[0], item_ids_G=item_ids_G, exclude_NG=exclude_NG,
+                                  exclude_NU=exclude_NU, item_ids_U=item_ids_U)  # fmt: skip
     return F.cross_entropy(logits_NG.masked_fill(drop_NG, -math.inf), target_N)
 
 

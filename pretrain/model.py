@@ -17,6 +17,7 @@ Shape legend::
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,7 +138,7 @@ class Recommender(nn.Module):
             "heads": model.fusion.qformer_heads}}.get(model.fusion.kind, {})  # fmt: skip
         self.fusion = build_fusion(model.fusion.kind, D, **fusion_kw)
         self.user = UserEncoder(D, model.user.layers, model.user.heads, model.user.dropout, model.user.max_seq_len,
-                                n_interest_tokens=model.user.interest_tokens)  # fmt: skip
+                                n_interest_tokens=model.user.interest_tokens, readout=model.user.readout)  # fmt: skip
         n_rows = sum(catalog.n_items)
         self.ids = nn.Embedding(n_rows, D) if model.user.id_embeddings else None
         if self.ids is not None:
@@ -267,13 +268,22 @@ class Recommender(nn.Module):
         log_q_U = None
         if self.loss_cfg.logq_correction:
             log_q_U = log_q_from_popularity(self.popularity[items.rows_U], total=float(self.popularity.sum()))
+        seen_KU = None
+        if self.loss_cfg.exclude_history:
+            seen_KU = seen_before(batch.seq, batch.seq_mask, b_K, t_K, len(items.rows_U))
         if self.fusion.per_modality_scores:  # the rows are distinct items: no false negative to mask
             logits_KU = self.score(user_KD, items) / T
-            return F.cross_entropy(logits_KU if log_q_U is None else logits_KU - log_q_U, target_K)
+            logits_KU = logits_KU if log_q_U is None else logits_KU - log_q_U
+            if seen_KU is not None:
+                seen_KU[torch.arange(len(target_K), device=target_K.device), target_K] = False
+                logits_KU = logits_KU.masked_fill(seen_KU, -math.inf)
+            return F.cross_entropy(logits_KU, target_K)
         if gather is None:
-            return sampled_softmax(_unit(user_KD), _unit(items.items_UD), target_K, temperature=T, log_q_U=log_q_U)
+            return sampled_softmax(_unit(user_KD), _unit(items.items_UD), target_K, temperature=T, log_q_U=log_q_U,
+                                   exclude_NU=seen_KU)  # fmt: skip
         return sampled_softmax(_unit(user_KD), _unit(items.items_UD), target_K + gather.offset(len(items.rows_U)),
-                               temperature=T, log_q_U=log_q_U, item_ids_U=items.rows_U, gather=gather)  # fmt: skip
+                               temperature=T, log_q_U=log_q_U, item_ids_U=items.rows_U, exclude_NU=seen_KU,
+                               gather=gather)  # fmt: skip
 
     def _cpc(self, states_BLD: torch.Tensor, batch: Any, items: ItemEmbeddings) -> torch.Tensor:
         """TransRec CPC: the prefix's state scores each suffix item (positive) and J random table rows."""
@@ -308,6 +318,17 @@ class Recommender(nn.Module):
             return states_BLD.sum() * 0.0
         memory_BMD, mask_BM = interest_memory(batch.seq, batch.seq_mask, prototype_U, self.interests)
         return interest_diversity(self.user.encode_interests(memory_BMD.to(states_BLD.dtype), mask_BM), mask_BM)
+
+
+def seen_before(seq_BL: torch.Tensor, mask_BL: torch.Tensor, b_K: torch.Tensor, t_K: torch.Tensor,
+                n_rows: int) -> torch.Tensor:  # fmt: skip
+    """(K, U) bool: the item-table rows that sequence ``b_K`` holds at positions <= ``t_K`` (what the user has seen
+    when predicting position t + 1; the evaluation masks these items too)."""
+    positions_L = torch.arange(seq_BL.shape[1], device=seq_BL.device)
+    seen_KL = mask_BL[b_K] & (positions_L <= t_K[:, None])
+    rows_KL = torch.where(seen_KL, seq_BL[b_K], n_rows)  # unseen positions go to a spare column, dropped below
+    seen_KU = torch.zeros(len(b_K), n_rows + 1, dtype=torch.bool, device=seq_BL.device)
+    return seen_KU.scatter_(1, rows_KL, True)[:, :n_rows]
 
 
 def _text_encoder(model: ModelConfig, width: int) -> TextEncoder:

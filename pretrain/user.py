@@ -15,9 +15,13 @@ Boolean masks are True where something is real / may be attended to.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+Readout = Literal["state", "history"]
 
 
 class Attention(nn.Module):
@@ -95,6 +99,27 @@ class Block(nn.Module):
         return x_BLD + self.drop(self.ffn_out(self.drop(hidden)))
 
 
+class HistoryReadout(nn.Module):
+    """The user as a mix of its own items: z_t + g * (sum_s a_ts z_s - z_t), the attention a_t over the items
+    z_s at positions s <= t scored from the Transformer's state h_t, g a learned scalar starting at 0 (ReZero). At
+    initialisation the user is its last item (content similarity); Adam moves g by about lr per step."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(width, width)
+        # shape (1,), not 0-dim: DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes
+        self.gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, states_BLD: torch.Tensor, items_BLD: torch.Tensor, allowed_BLL: torch.Tensor) -> torch.Tensor:
+        D = items_BLD.shape[-1]
+        logits_BLL = self.query(states_BLD) @ self.key(items_BLD).transpose(1, 2) / D**0.5
+        # a query that may see nothing (a fully padded row) would give 0/0: it sees everything (zero items instead)
+        allowed_BLL = allowed_BLL | ~allowed_BLL.any(-1, keepdim=True)
+        weights_BLL = logits_BLL.masked_fill(~allowed_BLL, -torch.inf).softmax(-1)
+        return items_BLD + self.gate * (weights_BLL @ items_BLD - items_BLD)
+
+
 class UserEncoder(nn.Module):
     """Causal Transformer over a sequence's item embeddings plus learned positions (S = Z + P).
 
@@ -104,10 +129,20 @@ class UserEncoder(nn.Module):
     With ``n_interest_tokens`` > 0 (MISSRec: the number P of interest prototypes of the catalog; only its
     being positive matters here), the encoder also has an interest encoder (``layers`` bidirectional blocks
     over the memory tokens, no positions: they are a set) and every block cross-attends to its output.
+
+    ``readout="history"``: the states are :class:`HistoryReadout`'s mixes of the sequence's own items instead of
+    the final norm's output (the Transformer then only weighs the history).
     """
 
     def __init__(
-        self, width: int, layers: int, heads: int, dropout: float, max_seq_len: int, n_interest_tokens: int = 0
+        self,
+        width: int,
+        layers: int,
+        heads: int,
+        dropout: float,
+        max_seq_len: int,
+        n_interest_tokens: int = 0,
+        readout: Readout = "state",
     ) -> None:
         super().__init__()
         if layers < 1 or max_seq_len < 1 or n_interest_tokens < 0:
@@ -124,6 +159,9 @@ class UserEncoder(nn.Module):
         self.interest_blocks = nn.ModuleList(Block(width, heads, dropout) for _ in range(layers)) if interests else None
         self.interest_norm = nn.LayerNorm(width) if interests else None
         self.apply(_init_weights)
+        if readout not in ("state", "history"):
+            raise ValueError(f"readout must be 'state' or 'history', got {readout!r}")
+        self.history = HistoryReadout(width) if readout == "history" else None
 
     def forward(
         self,
@@ -151,6 +189,8 @@ class UserEncoder(nn.Module):
                 allowed_BLM = memory_mask_BM[:, None, :]
         for block in self.blocks:
             x_BLD = block(x_BLD, allowed_BLL, memory_BMD, allowed_BLM)
+        if self.history is not None:
+            return self.history(self.norm(x_BLD), torch.where(mask_BL[..., None], items_BLD, 0.0), allowed_BLL)
         return self.norm(x_BLD)
 
     def encode_interests(self, memory_BMD: torch.Tensor, memory_mask_BM: torch.Tensor | None = None) -> torch.Tensor:
