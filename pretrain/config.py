@@ -647,6 +647,12 @@ class TrainConfig(_Section):
             "model.image.cache_frozen",
             "cannot be combined with data.stream.augment (cached features would ignore the flips)",
         )
+        _check(
+            not (loss.gather_negatives and model.fusion.kind == "score"),
+            "loss.gather_negatives",
+            "is not supported with model.fusion.kind='score' (score fusion scores per modality, and the gathered "
+            "tables hold fused rows only): turn one of them off",
+        )
         _check(not loss.content_id or model.user.id_embeddings, "loss.content_id", "needs model.user.id_embeddings")
         _check(
             not loss.content_id or model.text.enabled or model.image.enabled,

@@ -146,6 +146,10 @@ def test_bad_toml_names_the_file(tmp_path: Path) -> None:
         (["data.stream.batch_size=0"], r"data\.stream: batch_size must be >= 1"),
         (["model.text.name_or_path=bert-base-uncased"], r"model\.text\.name_or_path .*data\.stream\.text_model"),
         (["loss.content_id=0.1"], r"loss\.content_id needs model\.user\.id_embeddings"),
+        (
+            ["loss.gather_negatives=true", "model.fusion.kind=score", "model.image.enabled=true"],
+            r"loss\.gather_negatives is not supported with model\.fusion\.kind='score'",
+        ),
         (["loss.softmax=0"], r"loss needs a positive weight"),
         (["model.image.enabled=false", "model.fusion.kind=score"], r"model\.fusion\.kind is 'score', which comb"),
         (["model.text.enabled=false", "model.image.enabled=false"], r"model\.text\.enabled or model\.image\.enabled"),
