@@ -399,6 +399,11 @@ class LossConfig(_Section):
     in-batch negatives (Yi et al., RecSys 2019)."""
     gather_negatives: bool = False
     """Use the item tables of all ranks as sampled-softmax negatives (an all-gather per step)."""
+    queue_batches: int = 0
+    """Also use the item embeddings of this rank's last queue_batches training batches as sampled-softmax
+    negatives (MoCo-style: detached, no gradient into them; items of the current table left out; logQ-corrected
+    with logq_correction; copies of the target and of excluded history items masked by item id). 0: off. The
+    queue lives in memory: a resumed run starts with it empty, so its first steps differ from an unbroken run."""
     exclude_history: bool = True
     """Drop the items a sequence holds up to a prediction point from that point's sampled-softmax negatives
     (except the target itself), as the evaluation masks a user's earlier items. Without it the user's own last
@@ -420,7 +425,7 @@ class LossConfig(_Section):
         return {name: getattr(self, name) for name in self.WEIGHTS}
 
     def _validate(self) -> None:
-        _at_least(self, 0, *self.WEIGHTS, "cpc_prefix")
+        _at_least(self, 0, *self.WEIGHTS, "cpc_prefix", "queue_batches")
         _at_least(self, 1, "cpc_negatives")
         _check(any(self.weights().values()), "loss", f"needs a positive weight among {', '.join(self.WEIGHTS)}")
         _check(self.temperature > 0, "loss.temperature", f"must be > 0, got {self.temperature!r}")
@@ -652,6 +657,11 @@ class TrainConfig(_Section):
             "loss.gather_negatives",
             "is not supported with model.fusion.kind='score' (score fusion scores per modality, and the gathered "
             "tables hold fused rows only): turn one of them off",
+        )
+        _check(
+            not (loss.queue_batches and model.fusion.kind == "score"),
+            "loss.queue_batches",
+            "is not supported with model.fusion.kind='score' (it scores per modality; the queue holds fused rows)",
         )
         _check(not loss.content_id or model.user.id_embeddings, "loss.content_id", "needs model.user.id_embeddings")
         _check(

@@ -7,14 +7,17 @@ Shape legend::
 
     N  prediction points (users, or sequence positions)     D  embedding width
     U  rows of a rank's item table (the batch's distinct items)
-    G  rows of the gathered item table (all ranks' tables concatenated; G = U without a gather hook)
+    G  rows of the gathered item table (all ranks' tables concatenated; G = U without a gather hook), then any
+       extra negatives (Q rows: a queue of earlier batches' items)
     B  sequences    L  positions    S  suffix positions (CPC)    J  negatives per sequence    M  interest tokens
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +94,42 @@ def _spread(exclude_NU: torch.Tensor, item_ids_U: torch.Tensor | None, item_ids_
     return exclude_NU[:, local_G.clamp_min(0)] & (local_G >= 0)
 
 
+@dataclass(frozen=True)
+class ExtraNegatives:
+    """Negatives appended after the (gathered) item table, without gradient: e.g. :class:`NegativeQueue`'s rows of
+    earlier batches. ``item_ids_Q`` identifies them like ``item_ids_U`` (so a copy of the target, or of a user's
+    excluded history item, is masked); ``log_q_Q`` is their logQ correction (None without one)."""
+
+    items_QD: torch.Tensor
+    item_ids_Q: torch.Tensor
+    log_q_Q: torch.Tensor | None = None
+
+
+class NegativeQueue:
+    """The unit item embeddings (detached), ids and logQ of the last ``batches`` training batches, oldest first
+    (MoCo-style): more negatives than one batch holds, at the cost of embeddings a few steps stale. Held in
+    memory only (a resumed run starts with an empty queue)."""
+
+    def __init__(self, batches: int) -> None:
+        self.batches = batches
+        self.entries: deque[ExtraNegatives] = deque(maxlen=batches)
+
+    def push(self, items_UD: torch.Tensor, item_ids_U: torch.Tensor, log_q_U: torch.Tensor | None) -> None:
+        detached = None if log_q_U is None else log_q_U.detach()
+        self.entries.append(ExtraNegatives(items_UD.detach(), item_ids_U.detach(), detached))
+
+    def negatives(self, current_ids_U: torch.Tensor) -> ExtraNegatives | None:
+        """The queued rows whose items are not in the current table (those are negatives already), or None."""
+        if not self.entries:
+            return None
+        ids_Q = torch.cat([e.item_ids_Q for e in self.entries])
+        keep_Q = ~torch.isin(ids_Q, current_ids_U)
+        items_QD = torch.cat([e.items_QD for e in self.entries])[keep_Q]
+        logq = [e.log_q_Q for e in self.entries]
+        log_q_Q = None if any(q is None for q in logq) else torch.cat(logq)[keep_Q]  # type: ignore[arg-type]
+        return ExtraNegatives(items_QD, ids_Q[keep_Q], log_q_Q)
+
+
 def sampled_softmax(
     user_ND: torch.Tensor,
     items_UD: torch.Tensor,
@@ -102,6 +141,7 @@ def sampled_softmax(
     exclude_NG: torch.Tensor | None = None,
     exclude_NU: torch.Tensor | None = None,
     gather: Callable[[torch.Tensor], torch.Tensor] = _identity,
+    extra: ExtraNegatives | None = None,
 ) -> torch.Tensor:
     """In-batch sampled softmax (TransRec's and MISSRec's sequence-item objective): mean cross-entropy of each
     user against the batch's distinct items, the target item being the positive.
@@ -113,6 +153,8 @@ def sampled_softmax(
     - ``exclude_NG``: further candidates to mask per user, as columns of the gathered table.
     - ``exclude_NU``: the same as rows of the local table (e.g. the user's own history items); with a gather
       hook every gathered copy of such an item is masked (needs ``item_ids_U``).
+    - ``extra``: negatives appended after the gathered table (no gradient flows into them; their copies of the
+      target and of excluded items are masked by id, which needs ``item_ids_U``).
     - ``gather``: called on ``items_UD``, ``log_q_U`` and ``item_ids_U``; must return every rank's tensor
       concatenated along dim 0 in rank order, gradients flowing back to the local slice (e.g.
       ``torch.cat(torch.distributed.nn.functional.all_gather(x))``; all_gather needs equal sizes, so pad each
@@ -125,6 +167,14 @@ def sampled_softmax(
     items_GD = gather(items_UD)
     log_q_G = None if log_q_U is None else gather(log_q_U)
     item_ids_G = None if item_ids_U is None else gather(item_ids_U)
+    if extra is not None:
+        if item_ids_G is None:
+            raise ValueError("extra negatives need item_ids_U (to mask copies of the target)")
+        items_GD = torch.cat([items_GD, extra.items_QD.to(items_GD.dtype)])
+        item_ids_G = torch.cat([item_ids_G, extra.item_ids_Q])
+        if (log_q_G is None) != (extra.log_q_Q is None):
+            raise ValueError("extra negatives need a logQ correction exactly when the table has one")
+        log_q_G = None if log_q_G is None else torch.cat([log_q_G, extra.log_q_Q.to(log_q_G.dtype)])  # type: ignore[union-attr]
     logits_NG = sampled_softmax_logits(user_ND, items_GD, temperature=temperature, log_q_G=log_q_G)
     drop_NG = false_negative_mask(target_N, items_GD.shape[0], item_ids_G=item_ids_G, exclude_NG=exclude_NG,
                                   exclude_NU=exclude_NU, item_ids_U=item_ids_U)  # fmt: skip

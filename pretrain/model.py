@@ -34,6 +34,7 @@ from .encoders import ImageEncoder, TextEncoder, image_keys, item_keys
 from .fusion import build_fusion, rows_to_items
 from .interests import centroids, dpc_knn, interest_memory
 from .losses import (
+    NegativeQueue,
     combine,
     content_id_infonce,
     cpc_bce,
@@ -131,6 +132,7 @@ class Recommender(nn.Module):
         super().__init__()
         D = model.user.width
         self.model_cfg, self.loss_cfg, self.catalog = model, loss, catalog
+        self.queue = NegativeQueue(loss.queue_batches) if loss.queue_batches else None
         self.text = _text_encoder(model, D) if model.text.enabled else None
         self.image = _image_encoder(model, D, image_size) if model.image.enabled else None
         fusion_kw = {"score": {"tau": model.fusion.score_tau}, "qformer": {
@@ -232,6 +234,7 @@ class Recommender(nn.Module):
         losses: dict[str, torch.Tensor] = {}
         if weights["softmax"]:
             losses["softmax"] = self._sampled_softmax(states_BLD, batch, items, gather)
+            self._enqueue(items)
         if weights["next_item_ce"]:
             losses["next_item_ce"] = next_item_ce(_unit(states_BLD), _unit(items.items_UD), batch.seq,
                                                   batch.seq_mask, temperature=T)  # fmt: skip
@@ -278,12 +281,24 @@ class Recommender(nn.Module):
                 seen_KU[torch.arange(len(target_K), device=target_K.device), target_K] = False
                 logits_KU = logits_KU.masked_fill(seen_KU, -math.inf)
             return F.cross_entropy(logits_KU, target_K)
-        if gather is None:
-            return sampled_softmax(_unit(user_KD), _unit(items.items_UD), target_K, temperature=T, log_q_U=log_q_U,
+        items_UD = _unit(items.items_UD)
+        extra = None if self.queue is None else self.queue.negatives(items.rows_U)
+        if gather is None and extra is None:
+            return sampled_softmax(_unit(user_KD), items_UD, target_K, temperature=T, log_q_U=log_q_U,
                                    exclude_NU=seen_KU)  # fmt: skip
-        return sampled_softmax(_unit(user_KD), _unit(items.items_UD), target_K + gather.offset(len(items.rows_U)),
-                               temperature=T, log_q_U=log_q_U, item_ids_U=items.rows_U, exclude_NU=seen_KU,
-                               gather=gather)  # fmt: skip
+        offset = 0 if gather is None else gather.offset(len(items.rows_U))
+        return sampled_softmax(_unit(user_KD), items_UD, target_K + offset, temperature=T, log_q_U=log_q_U,
+                               item_ids_U=items.rows_U, exclude_NU=seen_KU, extra=extra,
+                               **({} if gather is None else {"gather": gather}))  # fmt: skip
+
+    def _enqueue(self, items: ItemEmbeddings) -> None:
+        """Training batches' items join the negative queue (loss.queue_batches), after their own loss."""
+        if self.queue is None or not self.training:
+            return
+        log_q_U = None
+        if self.loss_cfg.logq_correction:
+            log_q_U = log_q_from_popularity(self.popularity[items.rows_U], total=float(self.popularity.sum()))
+        self.queue.push(_unit(items.items_UD), items.rows_U, log_q_U)
 
     def _cpc(self, states_BLD: torch.Tensor, batch: Any, items: ItemEmbeddings) -> torch.Tensor:
         """TransRec CPC: the prefix's state scores each suffix item (positive) and J random table rows."""
