@@ -4,7 +4,9 @@
 - ``tb/curves/``: ``<metric>/target_<g>`` = the mean over seeds against the source interactions as the step, one
   line per target fraction, ``<metric>/id_target_<g>`` the ID baseline's level, a custom-scalars layout that
   draws them together, and the figure.
-- ``scaling.png``: the same curves with a log x axis (TensorBoard cannot draw one), mean and min-max over seeds.
+- ``scaling.png``: the same curves with a log x axis (TensorBoard cannot draw one), mean and min-max over seeds,
+  and a panel of each pretrained cell's paired gain over its control with its 95 % interval.
+- ``tb/cells/<cell>/``'s hparams metrics include the gain and its interval (``test/gain_ndcg@10[_low|_high]``).
 - ``scaling.md``: the numbers as Markdown tables.
 """
 
@@ -18,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from .grid import fraction_name
-from .results import number
+from .results import GAIN_METRICS, number
 
 CURVE_METRICS = ("ndcg@10", "hr@10")
+GAIN_COLUMNS = tuple(f"gain_{m}{end}" for m in GAIN_METRICS for end in ("", "_low", "_high"))
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,9 @@ def _hparams(row: dict[str, str]) -> tuple[dict[str, Any], dict[str, float]]:
                           "source_interactions": int(row["source_interactions"]),
                           "trainable_params": int(row["trainable_params"])}  # fmt: skip
     metrics = {f"test/{m}": float(row[m]) for m in ("ndcg@10", "hr@10", "mrr@10") if number(row[m]) is not None}
+    for name in GAIN_COLUMNS:  # a pretrained cell's paired gain over its control, and its 95 % interval
+        if number(row.get(name, "")) is not None:
+            metrics[f"test/{name}"] = float(row[name])
     metrics["wall_s"] = float(row["wall_s"])
     return hp, metrics
 
@@ -119,7 +125,9 @@ def figure(rows: list[dict[str, str]]) -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(6 * len(CURVE_METRICS), 4.2), squeeze=False)
+    gains = [r for r in rows if number(r.get("gain_ndcg@10", "")) is not None]
+    panels = len(CURVE_METRICS) + bool(gains)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.2), squeeze=False)
     sources = {int(r["source_interactions"]) for r in rows if r["kind"] == "content"}
     positive = [x for x in sources if x > 0]
     zero_x = min(positive) / 4 if positive else 1.0
@@ -144,6 +152,8 @@ def figure(rows: list[dict[str, str]]) -> Any:
         ax.set_ylabel(f"test {metric.upper()} (full ranking)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    if gains:
+        _gain_panel(axes[0][-1], gains, zero_x)
     fig.suptitle("momrec scaling study: mean over seeds, band = min..max\n" + arms(rows), fontsize=9)
     fig.tight_layout()
     return fig
@@ -214,6 +224,28 @@ def zero_shot_table(rows: list[dict[str, str]]) -> list[str]:
         cells = [f"{statistics.fmean(values[m]):.4f}" if values[m] else "" for m in CURVE_METRICS]
         lines.append(f"| {fraction_name(source)} | " + " | ".join(cells) + " |")
     return [*lines, ""]
+
+
+def _gain_panel(ax: Any, rows: list[dict[str, str]], zero_x: float) -> None:
+    """Each pretrained cell's paired NDCG@10 gain over its control with its 95 % interval (error bar), by source
+    size; one colour per target fraction, seeds side by side."""
+    targets = sorted({float(r["target_fraction"]) for r in rows})
+    for i, target in enumerate(targets):
+        mine = [r for r in rows if float(r["target_fraction"]) == target]
+        xs = [(int(r["source_interactions"]) or zero_x) * (1 + 0.04 * int(r["seed"])) for r in mine]
+        ys = [float(r["gain_ndcg@10"]) for r in mine]
+        low = [y - float(r["gain_ndcg@10_low"]) for y, r in zip(ys, mine)]
+        high = [float(r["gain_ndcg@10_high"]) - y for y, r in zip(ys, mine)]
+        ax.errorbar(xs, ys, yerr=[low, high], fmt="o", color=f"C{i}", capsize=3,
+                    label=f"target {fraction_name(target)}")  # fmt: skip
+    ax.axhline(0.0, color="gray", linewidth=1)
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xlabel("source interactions seen by pretraining (log)")
+    ax.set_ylabel("gain over no pretraining, test NDCG@10")
+    ax.set_title("paired per-user gain, 95 % bootstrap interval (one point per seed)", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def markdown(rows: list[dict[str, str]]) -> str:

@@ -90,6 +90,19 @@ def test_the_control_mode_defaults_to_the_transfer_mode_and_reports_say_whether_
                                  "controls in mode full")  # fmt: skip
 
 
+def test_gains_reach_the_cells_hparams() -> None:
+    from finetune.scaling.report import _hparams
+
+    row = {c: "" for c in COLUMNS} | {"cell": "src1-tgt0.5-seed0", "kind": "content", "mode": "frozen", "seed": "0",
+                                      "target_fraction": "0.5", "target_users": "15", "source_fraction": "1",
+                                      "source_interactions": "900", "trainable_params": "10", "wall_s": "3",
+                                      "ndcg@10": "0.2", "gain_ndcg@10": "0.05", "gain_ndcg@10_low": "0.01",
+                                      "gain_ndcg@10_high": "0.09"}  # fmt: skip
+    _, metrics = _hparams(row)
+    assert metrics["test/gain_ndcg@10"] == 0.05 and metrics["test/gain_ndcg@10_low"] == 0.01
+    assert "test/gain_hr@10" not in metrics  # an empty cell is no number
+
+
 def test_every_shipped_study_file_loads() -> None:
     files = sorted((REPO / "launch" / "studies").glob("*.toml"))
     assert {f.name for f in files} >= {"demo.toml", "real.toml"}
