@@ -153,7 +153,7 @@ def figure(rows: list[dict[str, str]]) -> Any:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     if gains:
-        _gain_panel(axes[0][-1], gains, zero_x)
+        _gain_panel(axes[0][-1], gains)
     fig.suptitle("momrec scaling study: mean over seeds, band = min..max\n" + arms(rows), fontsize=9)
     fig.tight_layout()
     return fig
@@ -226,24 +226,30 @@ def zero_shot_table(rows: list[dict[str, str]]) -> list[str]:
     return [*lines, ""]
 
 
-def _gain_panel(ax: Any, rows: list[dict[str, str]], zero_x: float) -> None:
-    """Each pretrained cell's paired NDCG@10 gain over its control with its 95 % interval (error bar), by source
-    size; one colour per target fraction, seeds side by side."""
+def _gain_panel(ax: Any, rows: list[dict[str, str]]) -> None:
+    """Each pretrained cell's paired NDCG@10 gain over its control with its 95 % interval (error bar), one column
+    per source size; one colour per target fraction, seeds side by side."""
+    sources = sorted({int(r["source_interactions"]) for r in rows})
     targets = sorted({float(r["target_fraction"]) for r in rows})
+    seeds = sorted({int(r["seed"]) for r in rows})
+    slots = len(targets) * len(seeds)
     for i, target in enumerate(targets):
         mine = [r for r in rows if float(r["target_fraction"]) == target]
-        xs = [(int(r["source_interactions"]) or zero_x) * (1 + 0.04 * int(r["seed"])) for r in mine]
+        slot = [i * len(seeds) + seeds.index(int(r["seed"])) for r in mine]
+        xs = [
+            sources.index(int(r["source_interactions"])) + 0.6 * ((k + 0.5) / slots - 0.5) for r, k in zip(mine, slot)
+        ]
         ys = [float(r["gain_ndcg@10"]) for r in mine]
         low = [y - float(r["gain_ndcg@10_low"]) for y, r in zip(ys, mine)]
         high = [float(r["gain_ndcg@10_high"]) - y for y, r in zip(ys, mine)]
         ax.errorbar(xs, ys, yerr=[low, high], fmt="o", color=f"C{i}", capsize=3,
                     label=f"target {fraction_name(target)}")  # fmt: skip
     ax.axhline(0.0, color="gray", linewidth=1)
-    ax.set_xscale("log")
-    ax.minorticks_off()
-    ax.set_xlabel("source interactions seen by pretraining (log)")
+    ax.set_xticks(range(len(sources)), [f"{x:,}" for x in sources], rotation=30)
+    ax.set_xlim(-0.6, len(sources) - 0.4)
+    ax.set_xlabel("source interactions seen by pretraining (one point per seed)")
     ax.set_ylabel("gain over no pretraining, test NDCG@10")
-    ax.set_title("paired per-user gain, 95 % bootstrap interval (one point per seed)", fontsize=8)
+    ax.set_title("paired per-user gain over the control, 95 % bootstrap interval", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
 
