@@ -140,7 +140,7 @@ def sampled_softmax(
     item_ids_U: torch.Tensor | None = None,
     exclude_NG: torch.Tensor | None = None,
     exclude_NU: torch.Tensor | None = None,
-    gather: Callable[[torch.Tensor], torch.Tensor] = _identity,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     extra: ExtraNegatives | None = None,
 ) -> torch.Tensor:
     """In-batch sampled softmax (TransRec's and MISSRec's sequence-item objective): mean cross-entropy of each
@@ -164,6 +164,7 @@ def sampled_softmax(
     gathered from lower ranks, ``rank * U_max`` with padded tables) to its local targets, and places its
     (N, U) exclusions at columns [offset, offset + U) of an (N, G) mask. Without a hook, G = U and no offset.
     """
+    gather = _identity if gather is None else gather
     items_GD = gather(items_UD)
     log_q_G = None if log_q_U is None else gather(log_q_U)
     item_ids_G = None if item_ids_U is None else gather(item_ids_U)

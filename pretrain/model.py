@@ -234,7 +234,6 @@ class Recommender(nn.Module):
         losses: dict[str, torch.Tensor] = {}
         if weights["softmax"]:
             losses["softmax"] = self._sampled_softmax(states_BLD, batch, items, gather)
-            self._enqueue(items)
         if weights["next_item_ce"]:
             losses["next_item_ce"] = next_item_ce(_unit(states_BLD), _unit(items.items_UD), batch.seq,
                                                   batch.seq_mask, temperature=T)  # fmt: skip
@@ -284,21 +283,15 @@ class Recommender(nn.Module):
         items_UD = _unit(items.items_UD)
         extra = None if self.queue is None else self.queue.negatives(items.rows_U)
         if gather is None and extra is None:
-            return sampled_softmax(_unit(user_KD), items_UD, target_K, temperature=T, log_q_U=log_q_U,
+            loss = sampled_softmax(_unit(user_KD), items_UD, target_K, temperature=T, log_q_U=log_q_U,
                                    exclude_NU=seen_KU)  # fmt: skip
-        offset = 0 if gather is None else gather.offset(len(items.rows_U))
-        return sampled_softmax(_unit(user_KD), items_UD, target_K + offset, temperature=T, log_q_U=log_q_U,
-                               item_ids_U=items.rows_U, exclude_NU=seen_KU, extra=extra,
-                               **({} if gather is None else {"gather": gather}))  # fmt: skip
-
-    def _enqueue(self, items: ItemEmbeddings) -> None:
-        """Training batches' items join the negative queue (loss.queue_batches), after their own loss."""
-        if self.queue is None or not self.training:
-            return
-        log_q_U = None
-        if self.loss_cfg.logq_correction:
-            log_q_U = log_q_from_popularity(self.popularity[items.rows_U], total=float(self.popularity.sum()))
-        self.queue.push(_unit(items.items_UD), items.rows_U, log_q_U)
+        else:  # item ids: a gathered or queued copy of a target or history item is masked
+            offset = 0 if gather is None else gather.offset(len(items.rows_U))
+            loss = sampled_softmax(_unit(user_KD), items_UD, target_K + offset, temperature=T, log_q_U=log_q_U,
+                                   item_ids_U=items.rows_U, exclude_NU=seen_KU, gather=gather, extra=extra)  # fmt: skip
+        if self.queue is not None and self.training:  # this batch's items join the queue after its own loss
+            self.queue.push(items_UD, items.rows_U, log_q_U)
+        return loss
 
     def _cpc(self, states_BLD: torch.Tensor, batch: Any, items: ItemEmbeddings) -> torch.Tensor:
         """TransRec CPC: the prefix's state scores each suffix item (positive) and J random table rows."""
