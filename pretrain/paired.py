@@ -29,6 +29,8 @@ import numpy as np
 
 from shards.errors import InputError
 
+from .metrics import METRICS, metric_weights
+
 LEVEL = 0.95
 RESAMPLES = 10_000
 
@@ -36,13 +38,11 @@ RESAMPLES = 10_000
 def user_metric(ranks: np.ndarray | Sequence[int], metric: str = "ndcg@10") -> np.ndarray:
     """Per-user value of ``metric`` (``ndcg@k``, ``hr@k`` or ``mrr@k``) from 0-based target ranks."""
     name, _, k_text = metric.partition("@")
-    if name not in ("ndcg", "hr", "mrr") or not k_text.isdigit() or int(k_text) < 1:
+    if name not in METRICS or not k_text.isdigit() or int(k_text) < 1:
         raise InputError(f"metric {metric!r}: expected ndcg@K, hr@K or mrr@K with K >= 1")
-    r = np.asarray(ranks, dtype=np.float64)
-    hit = r < int(k_text)
-    if name == "hr":
-        return hit.astype(np.float64)
-    return np.where(hit, 1.0 / (np.log2(r + 2) if name == "ndcg" else r + 1), 0.0)
+    k = int(k_text)
+    weights = np.append(metric_weights(name, k).numpy(), 0.0)  # the evaluation's weights; rank >= k adds 0
+    return weights[np.minimum(np.asarray(ranks, dtype=np.int64), k)]
 
 
 @dataclass(frozen=True)
