@@ -111,7 +111,6 @@ class NegativeQueue:
     memory only (a resumed run starts with an empty queue)."""
 
     def __init__(self, batches: int) -> None:
-        self.batches = batches
         self.entries: deque[ExtraNegatives] = deque(maxlen=batches)
 
     def push(self, items_UD: torch.Tensor, item_ids_U: torch.Tensor, log_q_U: torch.Tensor | None) -> None:

@@ -38,6 +38,7 @@ from .losses import (
     combine,
     content_id_infonce,
     cpc_bce,
+    false_negative_mask,
     interest_diversity,
     log_q_from_popularity,
     next_item_ce,
@@ -277,8 +278,8 @@ class Recommender(nn.Module):
             logits_KU = self.score(user_KD, items) / T
             logits_KU = logits_KU if log_q_U is None else logits_KU - log_q_U
             if seen_KU is not None:
-                seen_KU[torch.arange(len(target_K), device=target_K.device), target_K] = False
-                logits_KU = logits_KU.masked_fill(seen_KU, -math.inf)
+                logits_KU = logits_KU.masked_fill(false_negative_mask(target_K, len(items.rows_U), exclude_NU=seen_KU),
+                                                  -math.inf)  # fmt: skip
             return F.cross_entropy(logits_KU, target_K)
         items_UD = _unit(items.items_UD)
         extra = None if self.queue is None else self.queue.negatives(items.rows_U)
