@@ -55,6 +55,11 @@ class Interval:
     def excludes_zero(self) -> bool:
         return self.low > 0 or self.high < 0
 
+    @property
+    def verdict(self) -> str | None:
+        """'gain' or 'loss' where the interval excludes 0 (the only places a difference is called one), else None."""
+        return "gain" if self.low > 0 else "loss" if self.high < 0 else None
+
 
 def bootstrap_mean(values: np.ndarray, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> Interval:
     """The mean of ``values`` with its percentile bootstrap interval (users resampled with replacement)."""
@@ -91,7 +96,7 @@ class Comparison:
         return {**asdict(self), "gain": {**asdict(self.gain), "excludes_zero": self.gain.excludes_zero}}
 
     def line(self) -> str:
-        verdict = "a gain" if self.gain.low > 0 else "a loss" if self.gain.high < 0 else "no difference shown"
+        verdict = f"a {self.gain.verdict}" if self.gain.verdict else "no difference shown"
         rel = "" if self.relative is None else f" ({self.relative:+.1%})"
         return (f"{self.metric}: A {self.a:.4f}  B {self.b:.4f}  A-B {self.gain.mean:+.4f}{rel}  "
                 f"95% CI [{self.gain.low:+.4f}, {self.gain.high:+.4f}] over {self.users} users: {verdict}")  # fmt: skip

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pretrain.paired import Interval
+
 from .grid import fraction_name
 from .results import GAIN_METRICS, number
 
@@ -179,8 +181,8 @@ def gain_text(row: dict[str, str], metric: str) -> str:
     mean, low, high = (number(row.get(f"gain_{metric}{end}", "")) for end in ("", "_low", "_high"))
     if mean is None or low is None or high is None:
         return ""
-    verdict = " gain" if low > 0 else " loss" if high < 0 else ""
-    return f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]{verdict}"
+    verdict = Interval(mean, low, high).verdict
+    return f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]" + (f" {verdict}" if verdict else "")
 
 
 def gain_table(rows: list[dict[str, str]], metric: str) -> list[str]:
