@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from pretrain.config import TrainConfig, from_dict, to_dict
 from pretrain.model import Catalog, Recommender
 
 from .modes import lora_layers, merge_lora
-from .transfer import Source, prepare_model
+from .transfer import Source, is_fresh, prepare_model
 
 FORMAT = "momrec-finetuned"
 VERSION = 1
@@ -42,14 +42,15 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def saved_names(model: nn.Module, pretrained: bool) -> list[str]:
-    """The state-dict entries a finetuned folder holds: trainable parameters and buffers (everything when there
-    is no pretrained export to rebuild the rest from)."""
+def saved_names(model: nn.Module, pretrained: bool, fresh: Sequence[str] = ()) -> list[str]:
+    """The state-dict entries a finetuned folder holds: trainable parameters, buffers and the parts not loaded
+    from the export (``fresh``, finetune.fresh); everything when there is no pretrained export to rebuild the rest
+    from."""
     state_keys = list(model.state_dict(keep_vars=True))
     if not pretrained:
         return state_keys
     params = dict(model.named_parameters())
-    return [k for k in state_keys if k not in params or params[k].requires_grad]
+    return [k for k in state_keys if k not in params or params[k].requires_grad or is_fresh(k, fresh)]
 
 
 @contextlib.contextmanager
@@ -71,7 +72,7 @@ def save_finetuned(
     """Write ``folder`` (see the module docstring) from ``model`` (the engine's module when ``engine`` is given:
     every rank must call it then; rank 0 writes). Atomic: a crash leaves the previous folder or none."""
     folder = Path(folder)
-    names = saved_names(model, source is not None)
+    names = saved_names(model, source is not None, cfg.finetune.fresh)
     wanted = set(names)
     params = [p for n, p in model.named_parameters() if n in wanted]
     with _gathered(engine, params):
@@ -131,7 +132,7 @@ def load_finetuned(
     with torch.random.fork_rng(devices=[]):  # the LoRA and ID initialisation drawn here is overwritten anyway
         model, _ = prepare_model(cfg, catalog, source)
     tensors = safetensors.torch.load_file(str(folder / WEIGHTS))
-    expected = set(saved_names(model, source is not None))
+    expected = set(saved_names(model, source is not None, cfg.finetune.fresh))
     if set(tensors) != expected or set(doc["tensors"]) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise ValueError(f"{folder / WEIGHTS} does not fit its config: missing {missing}, unexpected {extra}")

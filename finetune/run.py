@@ -116,8 +116,8 @@ def _log_prepared(cfg: TrainConfig, prepared: Prepared) -> None:
     log.info("finetune mode %s from %s", cfg.finetune.mode, origin)
     if prepared.transfer is not None:
         t = prepared.transfer
-        log.info("loaded %d pretrained tensors; skipped (catalog-dependent) %s; fresh %s", len(t.loaded), t.skipped,
-                 t.fresh)  # fmt: skip
+        log.info("loaded %d pretrained tensors; not loaded (catalog-dependent or finetune.fresh) %s; fresh %s",
+                 len(t.loaded), t.skipped, t.fresh)  # fmt: skip
     for part, row in prepared.params.items():
         log.info("  %-15s trainable %10d of %10d parameters", part, row["trainable"], row["total"])
     _log_optim(cfg, prepared)

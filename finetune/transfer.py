@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,11 +99,21 @@ class Transfer:
         return {"loaded": len(self.loaded), "skipped": self.skipped, "fresh": self.fresh}
 
 
-def transfer_weights(model: Recommender, state: dict[str, torch.Tensor]) -> Transfer:
+def is_fresh(name: str, fresh: Sequence[str]) -> bool:
+    """Whether state-dict entry ``name`` lies under one of the ``fresh`` prefixes (finetune.fresh)."""
+    return any(name == p or name.startswith(p + ".") for p in fresh)
+
+
+def transfer_weights(model: Recommender, state: dict[str, torch.Tensor], fresh: Sequence[str] = ()) -> Transfer:
     """Load the pretrained ``state`` into ``model`` (built on the target catalog), except the
-    :data:`CATALOG_DEPENDENT` entries. Any other difference (a missing, extra or differently shaped tensor) means
-    the architecture changed: a ValueError naming the tensors."""
+    :data:`CATALOG_DEPENDENT` entries and the entries under the ``fresh`` prefixes (finetune.fresh: each must name
+    a tensor of the model). Any other difference (a missing, extra or differently shaped tensor) means the
+    architecture changed: a ValueError naming the tensors."""
     target = model.state_dict()
+    unmatched = [p for p in fresh if not any(is_fresh(k, [p]) for k in target)]
+    if unmatched:
+        parts = sorted({".".join(k.split(".")[:2]) for k in target})
+        raise ValueError(f"finetune.fresh: {unmatched} name no tensor of the model (its parts: {parts})")
     catalog_keys = set(CATALOG_DEPENDENT)
     missing = sorted(k for k in target if k not in state and k not in catalog_keys)
     extra = sorted(k for k in state if k not in target and k not in catalog_keys)
@@ -117,9 +128,9 @@ def transfer_weights(model: Recommender, state: dict[str, torch.Tensor]) -> Tran
             f"changed for finetuning): missing {missing}, unexpected {extra}, other shapes {shape}"
         )
     report = Transfer(
-        loaded=[k for k in target if k in state and k not in catalog_keys],
-        skipped=sorted(k for k in state if k in catalog_keys),
-        fresh=sorted(k for k in target if k in catalog_keys),
+        loaded=[k for k in target if k in state and k not in catalog_keys and not is_fresh(k, fresh)],
+        skipped=sorted(k for k in state if k in catalog_keys or is_fresh(k, fresh)),
+        fresh=sorted(k for k in target if k in catalog_keys or is_fresh(k, fresh)),
     )
     model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
     return report
@@ -142,6 +153,6 @@ def prepare_model(cfg: TrainConfig, catalog: Catalog, source: Source | None) -> 
     model = Recommender(cfg.model, cfg.loss, catalog, image_size=cfg.data.stream.image_size)
     transfer = None
     if source is not None:
-        transfer = transfer_weights(model, source.weights())
+        transfer = transfer_weights(model, source.weights(), cfg.finetune.fresh)
     lora = apply_mode(model, cfg)
     return model, Prepared(source, transfer, lora, parameter_counts(model))

@@ -598,7 +598,14 @@ class FinetuneConfig(_Section):
     """With mode='lora': LoRA only in the last lora_top_layers blocks of each item backbone (0: in every block).
     The blocks below stay frozen, so with model.*.cache_frozen they run once per item instead of at every step."""
 
+    fresh: list[str] = field(default_factory=list)
+    """Parts of the pretrained export NOT loaded: state-dict prefixes (e.g. ['text.proj'], ['user.history'],
+    ['user']) left at their fresh initialisation, the control's, so an experiment can ask which part transfers.
+    Each prefix must name at least one tensor. Fresh parameters are saved with the finetuned model even where
+    they do not train. Ignored with --from none."""
+
     def _validate(self) -> None:
+        _check(all(self.fresh), "finetune.fresh", "holds an empty prefix")
         _at_least(self, 1, "top_layers", "lora_rank")
         _at_least(self, 0, "lora_top_layers")
         _fraction(self, "lora_dropout")
