@@ -66,9 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         failed = 0 if args.report else study.run()
         rows = results.read(study.layout.results)
         if rows:
-            for path in report.write_reports(rows, study.layout.root):
+            pooled = study.pooled_gains()
+            results.write_pooled(study.layout.pooled, pooled)
+            for path in report.write_reports(rows, study.layout.root, pooled):
                 print(f"wrote {path}")
-            print(report.markdown(rows))
+            print(report.markdown(rows, pooled))
     except ValueError as e:  # bad config or input (InputError is one): the message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ SETTINGS = (
     "baseline_config",
     "baseline_overrides",
     "pretrain_seed",
+    "pretrain_per_seed",
     "pretrain_epochs",
     "ranks",
 )
@@ -59,6 +60,15 @@ class ScalingConfig(_Section):
     """Processes of each run under scaling.launcher (only for the step arithmetic of pretrain_epochs)."""
     pretrain_seed: int = 0
     """Seed of the source subsets and of pretraining (each source fraction is pretrained once, for all seeds)."""
+    pretrain_per_seed: bool = False
+    """true: every seed pretrains its own source models (source subsets and pretraining seeded with the cell's
+    seed instead of pretrain_seed), so the spread over seeds includes pretraining's, at seeds x the pretraining
+    cost; false: each source fraction is pretrained once (pretrain_seed) for all seeds."""
+
+    def pretraining_seed(self, seed: int) -> int:
+        """The seed of the source model that a cell of seed ``seed`` starts from."""
+        return seed if self.pretrain_per_seed else self.pretrain_seed
+
     mode: FinetuneMode = "lora"
     """Finetuning mode of the pretrained cells (python -m finetune --mode)."""
     control_mode: FinetuneMode | None = None

@@ -3,12 +3,13 @@
 Layout of ``scaling.out_dir``::
 
     study.json                        the settings that define the cells (a re-run must not change them)
-    data/source-<f>/<domain>/         source subsets (shards.subset; fraction 1 uses the source folders)
+    data/source-<f>[-seed<s>]/<domain>/ source subsets (shards.subset; fraction 1 uses the source folders)
     data/target-seed<s>-<g>/<domain>/ target subsets of each seed
-    pretrain/source-<f>/              the pretraining run of each source fraction (its model/ is the export)
+    pretrain/source-<f>/              the pretraining run of each source fraction (its model/ is the export);
+                                      source-<f>-seed<s>/ for each seed with scaling.pretrain_per_seed
     runs/<cell>/                      each cell's finetuning run (summary.json holds its test metrics)
     logs/<run>.log                    each run's console output
-    results.csv, scaling.md, scaling.png, tb/
+    results.csv, pooled.csv, scaling.md, scaling.png, tb/
 """
 
 from __future__ import annotations
@@ -77,8 +78,19 @@ class Layout:
     def results(self) -> Path:
         return self.root / "results.csv"
 
-    def pretrain_dir(self, fraction: float) -> Path:
-        return self.root / "pretrain" / f"source-{fraction_name(fraction)}"
+    @property
+    def pooled(self) -> Path:
+        """pooled.csv: the gains pooled over seeds (results.POOLED_COLUMNS)."""
+        return self.root / "pooled.csv"
+
+    def _source_group(self, fraction: float, seed: int) -> str:
+        """``source-<f>``, or ``source-<f>-seed<s>`` when every seed pretrains its own model."""
+        name = f"source-{fraction_name(fraction)}"
+        return f"{name}-seed{self.cfg.pretraining_seed(seed)}" if self.cfg.pretrain_per_seed else name
+
+    def pretrain_dir(self, fraction: float, seed: int) -> Path:
+        """The pretraining run that cells of ``seed`` on ``fraction`` of the sources start from."""
+        return self.root / "pretrain" / self._source_group(fraction, seed)
 
     def cell_dir(self, cell: Cell) -> Path:
         return self.root / "runs" / cell.name
@@ -86,10 +98,10 @@ class Layout:
     def log(self, name: str) -> Path:
         return self.root / "logs" / f"{name}.log"
 
-    def sources(self, fraction: float) -> list[str]:
-        """The source folders of ``fraction`` (> 0), subsets written if missing."""
-        seed = self.cfg.pretrain_seed
-        return [self._subset(s, fraction, seed, f"source-{fraction_name(fraction)}") for s in self.cfg.sources]
+    def sources(self, fraction: float, seed: int) -> list[str]:
+        """The source folders of ``fraction`` (> 0) for cells of ``seed``, subsets written if missing."""
+        group, drawn = self._source_group(fraction, seed), self.cfg.pretraining_seed(seed)
+        return [self._subset(s, fraction, drawn, group) for s in self.cfg.sources]
 
     def target(self, fraction: float, seed: int) -> str:
         """The target folder that ``fraction`` of the users of seed ``seed`` train on."""

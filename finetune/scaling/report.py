@@ -15,6 +15,7 @@ from __future__ import annotations
 import shutil
 import statistics
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,9 @@ def _hparams(row: dict[str, str]) -> tuple[dict[str, Any], dict[str, float]]:
     return hp, metrics
 
 
-def write_tensorboard(rows: list[dict[str, str]], folder: Path, figure: Any | None = None) -> None:
+def write_tensorboard(
+    rows: list[dict[str, str]], folder: Path, figure: Any | None = None, pooled: Sequence[Mapping[str, Any]] = ()
+) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     shutil.rmtree(folder, ignore_errors=True)
@@ -112,6 +115,13 @@ def write_tensorboard(rows: list[dict[str, str]], folder: Path, figure: Any | No
                         writer.add_scalar(f"{metric}/id_target_{name}", ids[target].mean, p.source_interactions)
             title = f"test {metric.upper()} vs source interactions (one line per target fraction; id_: SASRec)"
             layout[title] = ["Multiline", [rf"^{metric}/"]]
+            for row in pooled:  # the gain pooled over seeds, and its interval, against the source interactions
+                name, step = f"gain_{metric}/pooled_target_{row['target_fraction']}", int(row["source_interactions"])
+                for end in ("", "_low", "_high"):
+                    writer.add_scalar(name + end, float(row[f"gain_{metric}{end}"]), step)
+            if pooled:
+                layout[f"gain over no pretraining, test {metric.upper()}, pooled over seeds"] = [
+                    "Multiline", [rf"^gain_{metric}/"]]  # fmt: skip
         writer.add_custom_scalars({"scaling": layout})
         if figure is not None:
             writer.add_figure("scaling", figure, close=False)
@@ -120,7 +130,7 @@ def write_tensorboard(rows: list[dict[str, str]], folder: Path, figure: Any | No
 # ---- figure and table -----------------------------------------------------------------------------------
 
 
-def figure(rows: list[dict[str, str]]) -> Any:
+def figure(rows: list[dict[str, str]], pooled: Sequence[Mapping[str, Any]] = ()) -> Any:
     """Matplotlib figure: one panel per metric, x = source interactions (log; 0 drawn left of the rest)."""
     import matplotlib
 
@@ -155,7 +165,7 @@ def figure(rows: list[dict[str, str]]) -> Any:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     if gains:
-        _gain_panel(axes[0][-1], gains)
+        _gain_panel(axes[0][-1], gains, pooled)
     fig.suptitle("momrec scaling study: mean over seeds, band = min..max\n" + arms(rows), fontsize=9)
     fig.tight_layout()
     return fig
@@ -185,20 +195,26 @@ def gain_text(row: dict[str, str], metric: str) -> str:
     return f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]" + (f" {verdict}" if verdict else "")
 
 
-def gain_table(rows: list[dict[str, str]], metric: str) -> list[str]:
-    """Per target fraction and source fraction: each seed's paired gain over its control, with its interval."""
+def gain_table(rows: list[dict[str, str]], metric: str, pooled: Sequence[Mapping[str, Any]] = ()) -> list[str]:
+    """Per target fraction and source fraction: each seed's paired gain over its control, with its interval, and
+    the gain pooled over seeds where there are several (``pooled``: rows of results.POOLED_COLUMNS)."""
     cells: dict[tuple[float, float], list[str]] = defaultdict(list)
     for row in rows:
         text = gain_text(row, metric) if row["kind"] == "content" else ""
         if text:
             cells[float(row["target_fraction"]), float(row["source_fraction"])].append(f"s{row['seed']}: {text}")
+    for row in pooled:
+        text = gain_text({k: str(v) for k, v in row.items()}, metric)
+        seeds = "+".join(f"s{s}" for s in str(row["seeds"]).split())
+        cells[float(row["target_fraction"]), float(row["source_fraction"])].append(f"**pooled {seeds}: {text}**")
     if not cells:
         return []
     sources = sorted({s for _, s in cells})
     header = ["target", *(f"source {fraction_name(f)}" for f in sources)]
     lines = [f"## gain over no pretraining, test {metric.upper()}", "",
              "Per seed: mean per-user difference (pretrained - control) on the same test users and catalog, with a "
-             "paired bootstrap 95 % interval; 'gain' / 'loss' only where the interval excludes 0.", "",
+             "paired bootstrap 95 % interval; 'gain' / 'loss' only where the interval excludes 0. Pooled: each "
+             "user's difference averaged over the seeds, then bootstrapped over users.", "",
              "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]  # fmt: skip
     for target in sorted({t for t, _ in cells}):
         texts = ["<br>".join(cells.get((target, f), [])) for f in sources]
@@ -228,9 +244,10 @@ def zero_shot_table(rows: list[dict[str, str]]) -> list[str]:
     return [*lines, ""]
 
 
-def _gain_panel(ax: Any, rows: list[dict[str, str]]) -> None:
+def _gain_panel(ax: Any, rows: list[dict[str, str]], pooled: Sequence[Mapping[str, Any]] = ()) -> None:
     """Each pretrained cell's paired NDCG@10 gain over its control with its 95 % interval (error bar), one column
-    per source size; one colour per target fraction, seeds side by side."""
+    per source size; one colour per target fraction, seeds side by side, the gain pooled over seeds (black
+    diamond) to the right of them."""
     sources = sorted({int(r["source_interactions"]) for r in rows})
     targets = sorted({float(r["target_fraction"]) for r in rows})
     seeds = sorted({int(r["seed"]) for r in rows})
@@ -246,24 +263,32 @@ def _gain_panel(ax: Any, rows: list[dict[str, str]]) -> None:
         high = [float(r["gain_ndcg@10_high"]) - y for y, r in zip(ys, mine)]
         ax.errorbar(xs, ys, yerr=[low, high], fmt="o", color=f"C{i}", capsize=3,
                     label=f"target {fraction_name(target)}")  # fmt: skip
+        for row in (p for p in pooled if float(p["target_fraction"]) == target):
+            interactions = int(row["source_interactions"])
+            if interactions not in sources:
+                continue
+            x = sources.index(interactions) + 0.6 * ((i + 1) * len(seeds) / slots - 0.5) + 0.04
+            y = float(row["gain_ndcg@10"])
+            ax.errorbar([x], [y], yerr=[[y - float(row["gain_ndcg@10_low"])], [float(row["gain_ndcg@10_high"]) - y]],
+                        fmt="D", color="black", markerfacecolor=f"C{i}", capsize=3)  # fmt: skip
     ax.axhline(0.0, color="gray", linewidth=1)
     ax.set_xticks(range(len(sources)), [f"{x:,}" for x in sources], rotation=30)
     ax.set_xlim(-0.6, len(sources) - 0.4)
-    ax.set_xlabel("source interactions seen by pretraining (one point per seed)")
+    ax.set_xlabel("source interactions seen by pretraining (one point per seed; diamond: pooled over seeds)")
     ax.set_ylabel("gain over no pretraining, test NDCG@10")
     ax.set_title("paired per-user gain over the control, 95 % bootstrap interval", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
 
 
-def markdown(rows: list[dict[str, str]]) -> str:
+def markdown(rows: list[dict[str, str]], pooled: Sequence[Mapping[str, Any]] = ()) -> str:
     seeds = sorted({r["seed"] for r in rows})
     lines = [f"# Scaling study ({len(rows)} cells, seeds {', '.join(seeds)})", "",
              "Full-ranking test metrics on the whole target test split; mean ± standard deviation over seeds. "
              + arms(rows), ""]  # fmt: skip
     lines += zero_shot_table(rows)
     for metric in CURVE_METRICS:
-        lines += gain_table(rows, metric)
+        lines += gain_table(rows, metric, pooled)
     for metric in CURVE_METRICS:
         table = curves(rows, metric)
         if not table:
@@ -283,14 +308,15 @@ def markdown(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def write_reports(rows: list[dict[str, str]], root: Path) -> list[Path]:
-    """scaling.png, scaling.md and tb/ in ``root``; returns the paths written."""
-    fig = figure(rows)
+def write_reports(rows: list[dict[str, str]], root: Path, pooled: Sequence[Mapping[str, Any]] = ()) -> list[Path]:
+    """scaling.png, scaling.md and tb/ in ``root`` (``pooled``: the gains pooled over seeds); returns the paths
+    written."""
+    fig = figure(rows, pooled)
     png = root / "scaling.png"
     fig.savefig(png, dpi=120)
     md = root / "scaling.md"
-    md.write_text(markdown(rows), encoding="utf-8")
-    write_tensorboard(rows, root / "tb", fig)
+    md.write_text(markdown(rows, pooled), encoding="utf-8")
+    write_tensorboard(rows, root / "tb", fig, pooled)
     import matplotlib.pyplot as plt
 
     plt.close(fig)

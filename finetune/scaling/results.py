@@ -30,15 +30,36 @@ COLUMNS = (
 )  # fmt: skip
 
 
-def read(path: Path) -> list[dict[str, str]]:
-    """The rows of ``path`` (none when it does not exist); a header that is not ours is an error."""
+POOLED_COLUMNS = (
+    "source_fraction", "target_fraction", "seeds", "users", "source_interactions",
+    *(f"gain_{m}{end}" for m in GAIN_METRICS for end in ("", "_low", "_high")),
+)  # fmt: skip
+"""``pooled.csv``: per source fraction (> 0) and target fraction with two or more seeds finished on both arms, the
+gain over the control pooled over seeds (each user's difference averaged over the seeds, then bootstrapped over
+users: pretrain.paired.compare with every seed's results)."""
+
+
+def read(path: Path, columns: tuple[str, ...] = COLUMNS) -> list[dict[str, str]]:
+    """The rows of ``path`` (none when it does not exist); a header that is not ``columns`` is an error."""
     if not path.is_file():
         return []
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != COLUMNS:
-            raise ValueError(f"{path}: the header is not the one this version writes ({COLUMNS}); move the file away")
+        if tuple(reader.fieldnames or ()) != columns:
+            raise ValueError(f"{path}: the header is not the one this version writes ({columns}); move the file away")
         return list(reader)
+
+
+def write_pooled(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rewrite ``pooled.csv`` whole (atomically: a reader sees the old file or the new one)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=POOLED_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: _text(row.get(c)) for c in POOLED_COLUMNS})
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(buffer.getvalue(), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def key(row: dict[str, str]) -> tuple[str, str, str, str]:

@@ -27,7 +27,7 @@ from shards.progress import bar
 
 from . import results
 from .config import ScalingConfig
-from .grid import Cell, Layout, grid, sizes
+from .grid import Cell, Layout, fraction_name, grid, sizes
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ class Study:
         self.run_module = run_module or self._subprocess
         self.device = device_name()
         self.cells = grid(cfg)
-        self.failed_pretraining: set[float] = set()
+        self.failed_pretraining: set[tuple[float, int]] = set()
+        """(source fraction, pretraining seed) of the pretraining runs that failed in this invocation."""
 
     # ---- processes ------------------------------------------------------------------------------------
 
@@ -84,25 +85,27 @@ class Study:
 
     # ---- pretraining ----------------------------------------------------------------------------------
 
-    def pretrained(self, fraction: float) -> Path | None:
-        """The export pretrained on ``fraction`` of the sources (pretrained now if needed); None if that failed."""
-        folder = self.layout.pretrain_dir(fraction)
+    def pretrained(self, fraction: float, cell_seed: int) -> Path | None:
+        """The export pretrained on ``fraction`` of the sources that cells of ``cell_seed`` start from (pretrained
+        now if needed); None if that failed."""
+        folder = self.layout.pretrain_dir(fraction, cell_seed)
         done = folder / DONE
         if done.is_file():
             return folder / "model"
-        if fraction in self.failed_pretraining:
+        seed = self.cfg.pretraining_seed(cell_seed)
+        if (fraction, seed) in self.failed_pretraining:
             return None
-        domains = self.layout.sources(fraction)
-        seed = self.cfg.pretrain_seed
+        domains = self.layout.sources(fraction, cell_seed)
         args = [*_configs(self.cfg.pretrain_config), *self.cfg.pretrain_overrides,
                 f"data.domains={json.dumps(domains)}", f"run.out_dir={folder}", f"engine.seed={seed}",
                 f"data.stream.seed={seed}"]  # fmt: skip
         users, interactions = sizes(domains)
         args += self._pretrain_steps(users)
-        log.info("pretraining on %s of the sources (%d users, %d interactions)", fraction, users, interactions)
+        log.info("pretraining on %s of the sources, seed %d (%d users, %d interactions)", fraction, seed, users,
+                 interactions)  # fmt: skip
         start = time.monotonic()
         if not self._attempts(folder.name, "pretrain", args, folder):
-            self.failed_pretraining.add(fraction)
+            self.failed_pretraining.add((fraction, seed))
             return None
         info = {"wall_s": time.monotonic() - start, "domains": domains, "users_interactions": [users, interactions]}
         done.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
@@ -119,10 +122,12 @@ class Study:
         batch = pre.data.stream.batch_size * pre.optim.grad_accum * c.ranks
         return [f"optim.max_steps={max(1, math.ceil(c.pretrain_epochs * users / batch))}"]
 
-    def pretrain_seconds(self, fraction: float | None) -> float | None:
-        if not fraction:
+    def pretrain_seconds(self, cell: Cell) -> float | None:
+        """Wall time of the pretraining that ``cell`` started from (None: not pretrained)."""
+        if not cell.source_fraction:
             return None
-        return float(json.loads((self.layout.pretrain_dir(fraction) / DONE).read_text(encoding="utf-8"))["wall_s"])
+        done = self.layout.pretrain_dir(cell.source_fraction, cell.seed) / DONE
+        return float(json.loads(done.read_text(encoding="utf-8"))["wall_s"])
 
     # ---- cells --------------------------------------------------------------------------------------
 
@@ -140,7 +145,7 @@ class Study:
         layers = [*_configs(c.pretrain_config), *_configs(c.finetune_config), *architecture, *c.finetune_overrides]
         if not cell.source_fraction:
             return ["--from", "none", "--data", target, "--mode", c.control, *layers, *common]
-        model = self.pretrained(cell.source_fraction)
+        model = self.pretrained(cell.source_fraction, cell.seed)
         if model is None:
             return None
         return ["--from", str(model), "--data", target, "--mode", c.mode, *layers, *common]
@@ -158,9 +163,10 @@ class Study:
         if not summary_file.is_file() and not self._attempts(cell.name, "finetune", args, out_dir):
             return None
         summary = json.loads(summary_file.read_text(encoding="utf-8"))
-        source = sizes(self.layout.sources(cell.source_fraction)) if cell.source_fraction else (0, 0)
+        fraction = cell.source_fraction
+        source = sizes(self.layout.sources(fraction, cell.seed)) if fraction else (0, 0)
         mode = summary["mode"]
-        row = results.row(cell, mode, summary, source, sizes([target]), self.pretrain_seconds(cell.source_fraction),
+        row = results.row(cell, mode, summary, source, sizes([target]), self.pretrain_seconds(cell),
                           time.monotonic() - start, self.device)  # fmt: skip
         return {**row, **self.gains(cell)}
 
@@ -180,6 +186,38 @@ class Study:
         for metric in results.GAIN_METRICS:
             gain = paired.compare([a], [b], metric).gain
             out.update({f"gain_{metric}": gain.mean, f"gain_{metric}_low": gain.low, f"gain_{metric}_high": gain.high})
+        return out
+
+    def pooled_gains(self) -> list[dict[str, Any]]:
+        """Per source fraction (> 0) and target fraction: the gain over the control pooled over the seeds whose
+        pretrained cell and control both have per-user test results (two or more), each user's difference
+        averaged over those seeds, bootstrapped over users (rows of results.POOLED_COLUMNS)."""
+        finished = {results.key(r): r for r in results.read(self.layout.results)}
+        groups: dict[tuple[float, float], list[int]] = {}
+        for cell in self.cells:
+            control = Cell("content", 0.0, cell.target_fraction, cell.seed)
+            if cell.kind == "content" and cell.source_fraction and {cell.key, control.key} <= set(finished):
+                groups.setdefault((cell.source_fraction, cell.target_fraction), []).append(cell.seed)
+        out = []
+        for (source, target), seeds in groups.items():
+            if len(seeds) < 2:
+                continue
+            cells = [Cell("content", source, target, s) for s in seeds]
+            controls = [Cell("content", 0.0, target, s) for s in seeds]
+            found = [_test_results(self.layout.cell_dir(c)) for c in cells + controls]
+            if not all(len(f) == 1 for f in found):
+                log.warning("source %g, target %g: no pooled gain (per-user results: %s)", source, target, found)
+                continue
+            ranks = [paired.load_ranks(f[0]) for f in found]
+            row: dict[str, Any] = {"source_fraction": fraction_name(source), "target_fraction": fraction_name(target),
+                                   "seeds": " ".join(map(str, seeds)),
+                                   "source_interactions": finished[cells[0].key]["source_interactions"]}  # fmt: skip
+            for metric in results.GAIN_METRICS:
+                comparison = paired.compare(ranks[: len(seeds)], ranks[len(seeds) :], metric)
+                gain = comparison.gain
+                row.update({"users": comparison.users, f"gain_{metric}": gain.mean, f"gain_{metric}_low": gain.low,
+                            f"gain_{metric}_high": gain.high})  # fmt: skip
+            out.append(row)
         return out
 
     # ---- the study ------------------------------------------------------------------------------------

@@ -127,7 +127,60 @@ def test_target_subsets_are_nested_per_seed(domains, tmp_path: Path) -> None:
     users = {(f, s): load_manifest(layout.target(f, s)).n_users for f in (0.25, 0.5) for s in (0, 1)}
     assert users == {(0.25, 0): 8, (0.25, 1): 8, (0.5, 0): 15, (0.5, 1): 15}
     assert layout.target(1.0, 0) == domains["target"][0]  # the whole domain is not copied
-    assert layout.sources(1.0) == domains["source"]
+    assert layout.sources(1.0, 0) == domains["source"]
+
+
+def test_pretraining_per_seed_gets_its_own_sources_and_run(domains, tmp_path: Path) -> None:
+    shared = Layout(study_config(domains, tmp_path / "shared", seeds=[0, 1]))
+    assert shared.pretrain_dir(0.5, 0) == shared.pretrain_dir(0.5, 1) == tmp_path / "shared/pretrain/source-0.5"
+    assert shared.sources(0.5, 0) == shared.sources(0.5, 1)
+    own = Layout(study_config(domains, tmp_path / "own", seeds=[0, 1], pretrain_per_seed=True))
+    assert own.pretrain_dir(0.5, 1) == tmp_path / "own/pretrain/source-0.5-seed1"
+    first, second = own.sources(0.5, 0), own.sources(0.5, 1)
+    assert first != second and all("source-0.5-seed" in f for f in first + second)
+    assert [load_manifest(f).n_users for f in (first[0], second[0])] == [15, 15]
+    assert _contents(first[0]) != _contents(second[0])  # drawn with each seed
+    assert own.sources(1.0, 1) == domains["source"]  # the whole domains are not copied
+
+
+def _contents(folder: str) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in Path(folder).glob("seqs-*")}
+
+
+def _fake_cell(study: Study, cell: Cell, ranks: dict[int, int], interactions: int) -> None:
+    """A finished cell: its results.csv row and its per-user test ranks."""
+    from finetune.scaling import results
+
+    folder = study.layout.cell_dir(cell)
+    folder.mkdir(parents=True)
+    users = sorted(ranks)
+    doc = {"per_user": {"test": {"user": users, "full": [ranks[u] for u in users]}}}
+    (folder / "eval-target.json").write_text(json.dumps(doc))
+    row = {"cell": cell.name, "kind": "content", "source_fraction": f"{cell.source_fraction:g}",
+           "target_fraction": f"{cell.target_fraction:g}", "seed": cell.seed,
+           "source_interactions": interactions if cell.source_fraction else 0}  # fmt: skip
+    results.append(study.layout.results, row)
+
+
+def test_the_gain_pooled_over_seeds_averages_each_users_difference(domains, tmp_path: Path) -> None:
+    from finetune.scaling import report
+
+    cfg = study_config(domains, tmp_path, source_fractions=[0.0, 0.5, 1.0], seeds=[0, 1], id_baseline=False)
+    study = Study(cfg, progress=False)
+    users = range(40)
+    for seed in (0, 1):
+        _fake_cell(study, Cell("content", 0.0, 0.5, seed), {u: 100 for u in users}, 0)  # NDCG 0: never in the top
+    # pretrained: seed 0 ranks the even users first (NDCG 1), seed 1 every user first: per user 1 or 0.5
+    _fake_cell(study, Cell("content", 1.0, 0.5, 0), {u: 0 if u % 2 == 0 else 100 for u in users}, 600)
+    _fake_cell(study, Cell("content", 1.0, 0.5, 1), {u: 0 for u in users}, 600)
+    _fake_cell(study, Cell("content", 0.5, 0.5, 0), {u: 0 for u in users}, 300)  # one seed: nothing pooled
+    (row,) = study.pooled_gains()
+    assert (row["source_fraction"], row["target_fraction"], row["seeds"], row["users"]) == ("1", "0.5", "0 1", 40)
+    assert row["source_interactions"] == "600"
+    assert row["gain_ndcg@10"] == pytest.approx(0.75) and row["gain_hr@10"] == pytest.approx(0.75)
+    assert 0.0 < row["gain_ndcg@10_low"] < 0.75 < row["gain_ndcg@10_high"] < 1.0
+    md = report.markdown(read(study.layout.results), [row])
+    assert "**pooled s0+s1: +0.7500 [" in md and "gain**" in md
 
 
 # ---- one real sweep ------------------------------------------------------------------------------------
