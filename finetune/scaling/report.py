@@ -23,7 +23,7 @@ from typing import Any
 from pretrain.paired import Interval
 
 from .grid import fraction_name
-from .results import GAIN_METRICS, number
+from .results import BUCKET_METRICS, BUCKETS, GAIN_METRICS, number
 
 CURVE_METRICS = ("ndcg@10", "hr@10")
 GAIN_COLUMNS = tuple(f"gain_{m}{end}" for m in GAIN_METRICS for end in ("", "_low", "_high"))
@@ -289,23 +289,50 @@ def markdown(rows: list[dict[str, str]], pooled: Sequence[Mapping[str, Any]] = (
     lines += zero_shot_table(rows)
     for metric in CURVE_METRICS:
         lines += gain_table(rows, metric, pooled)
+    users = {float(r["target_fraction"]): r["target_users"] for r in rows}
     for metric in CURVE_METRICS:
-        table = curves(rows, metric)
-        if not table:
-            continue
-        ids, pop = baseline(rows, metric), baseline(rows, metric, "pop")
-        sources = sorted({(p.source_fraction, p.source_interactions) for ps in table.values() for p in ps})
-        users = {float(r["target_fraction"]): r["target_users"] for r in rows}
-        head = [f"source {fraction_name(f)} ({n:,} int.)" for f, n in sources]
-        header = ["target (users)", *head, "ID (SASRec)", "popularity"]
-        lines += [f"## test {metric.upper()}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-        for target, points in table.items():
-            by_source = {p.source_fraction: p.text() for p in points}
-            cells = [by_source.get(f, "") for f, _ in sources]
-            extra = [ids[target].text() if target in ids else "", pop[target].text() if target in pop else ""]
-            lines.append(f"| {fraction_name(target)} ({users[target]}) | " + " | ".join(cells + extra) + " |")
-        lines.append("")
+        lines += metric_table(rows, metric, f"## test {metric.upper()}", users)
+    for bucket in BUCKETS:
+        column = f"{BUCKET_METRICS[0]}_{bucket}"
+        title = (f"## test {BUCKET_METRICS[0].upper()}, {bucket} targets only ({BUCKET_TEXT[bucket]}; the number of "
+                 "such test users in brackets, mean over seeds)")  # fmt: skip
+        lines += metric_table(rows, column, title, _bucket_users(rows, bucket), popularity=False)
     return "\n".join(lines)
+
+
+BUCKET_TEXT = {"cold": "items no training sequence of the target holds", "tail": "items outside the most popular "
+               "20 % with at least one training interaction"}  # fmt: skip
+
+
+def _bucket_users(rows: list[dict[str, str]], bucket: str) -> dict[float, str]:
+    """Target fraction -> the mean number of test users whose target is in ``bucket``."""
+    counts: dict[float, list[float]] = defaultdict(list)
+    for row in rows:
+        if number(row.get(f"users_{bucket}", "")) is not None:
+            counts[float(row["target_fraction"])].append(float(row[f"users_{bucket}"]))
+    return {t: f"{statistics.fmean(c):,.0f}" for t, c in counts.items()}
+
+
+def metric_table(
+    rows: list[dict[str, str]], metric: str, title: str, users: Mapping[float, str], popularity: bool = True
+) -> list[str]:
+    """One row per target fraction (``users`` in brackets), one column per source fraction, then the ID baseline
+    (and the popularity ranker): mean ± standard deviation over seeds of the results.csv column ``metric``."""
+    table = curves(rows, metric)
+    if not table:
+        return []
+    ids, pop = baseline(rows, metric), baseline(rows, metric, "pop") if popularity else {}
+    sources = sorted({(p.source_fraction, p.source_interactions) for ps in table.values() for p in ps})
+    head = [f"source {fraction_name(f)} ({n:,} int.)" for f, n in sources]
+    header = ["target (users)", *head, "ID (SASRec)", *(["popularity"] if popularity else [])]
+    lines = [title, "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for target, points in table.items():
+        by_source = {p.source_fraction: p.text() for p in points}
+        cells = [*(by_source.get(f, "") for f, _ in sources), ids[target].text() if target in ids else ""]
+        if popularity:
+            cells.append(pop[target].text() if target in pop else "")
+        lines.append(f"| {fraction_name(target)} ({users.get(target, '')}) | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def write_reports(rows: list[dict[str, str]], root: Path, pooled: Sequence[Mapping[str, Any]] = ()) -> list[Path]:

@@ -15,6 +15,11 @@ METRICS = ("ndcg@10", "hr@10", "mrr@10", "ndcg@20", "hr@20", "ndcg@50", "hr@50")
 """Full-ranking test metrics of the whole target test split, from the run's ``test/full/<metric>``; the same at
 the start of finetuning (``start_ndcg@10``, ``start_hr@10``: the pretrained model zero-shot, or the untrained
 control)."""
+BUCKETS = ("cold", "tail")
+"""Test targets by the target's training popularity (pretrain.metrics.item_buckets): ``cold`` items no training
+sequence holds, ``tail`` the rest outside the most popular 20 %, where content should beat IDs:
+``<metric>_<bucket>`` for the BUCKET_METRICS and ``users_<bucket>``, the test users whose target is one."""
+BUCKET_METRICS = ("ndcg@10", "hr@10")
 GAIN_METRICS = ("ndcg@10", "hr@10")
 """A pretrained cell's paired gain over its control cell: ``gain_<metric>`` (mean per-user difference on the
 target's test users) and its 95 % bootstrap interval ``gain_<metric>_low`` .. ``_high`` (pretrain.paired)."""
@@ -24,6 +29,7 @@ COLUMNS = (
     "cell", "kind", "source_fraction", "target_fraction", "seed", "mode",
     "source_users", "source_interactions", "target_users", "target_interactions",
     *METRICS, "pop_ndcg@10", "pop_hr@10", "start_ndcg@10", "start_hr@10",
+    *(f"{m}_{b}" for b in BUCKETS for m in BUCKET_METRICS), *(f"users_{b}" for b in BUCKETS),
     *(f"gain_{m}{end}" for m in GAIN_METRICS for end in ("", "_low", "_high")),
     "trainable_params", "total_params", "steps", "best_step",
     "pretrain_s", "train_s", "wall_s", "peak_rss_gb", "cuda_max_allocated_gb", "device", "finished",
@@ -117,6 +123,8 @@ def row(
         "pop_hr@10": test.get("test/full/pop/hr@10"),
         "start_ndcg@10": start.get("test/full/ndcg@10"),  # zero-shot: the start, before finetuning
         "start_hr@10": start.get("test/full/hr@10"),
+        **{f"{m}_{b}": test.get(f"test/full/{m}/{b}") for b in BUCKETS for m in BUCKET_METRICS},
+        **{f"users_{b}": _count(test.get(f"test/users/{b}")) for b in BUCKETS},
         "trainable_params": summary["params"]["all"]["trainable"],
         "total_params": summary["params"]["all"]["total"],
         "steps": summary["steps"],
@@ -129,6 +137,10 @@ def row(
         "device": device,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+
+
+def _count(value: float | None) -> int | None:
+    return None if value is None else round(value)
 
 
 def number(value: str) -> float | None:

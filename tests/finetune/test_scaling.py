@@ -240,6 +240,12 @@ def _check_rows(rows: dict[str, dict[str, str]]) -> None:
         assert 0.0 <= float(row["ndcg@10"]) <= float(row["hr@10"]) <= 1.0
         assert row["pop_ndcg@10"] == control["pop_ndcg@10"]  # all ranked on the whole target's test split
     assert pretrained["pretrain_s"] and not control["pretrain_s"]
+    for row in rows.values():  # the cold and tail targets' share of the test users, and their metrics
+        users = {b: int(row[f"users_{b}"]) for b in ("cold", "tail")}
+        assert sum(users.values()) <= 30 and users["tail"] > 0
+        for bucket, n in users.items():
+            assert (row[f"ndcg@10_{bucket}"] == "") == (n == 0)
+            assert n == 0 or 0.0 <= float(row[f"ndcg@10_{bucket}"]) <= float(row[f"hr@10_{bucket}"]) <= 1.0
     for metric in ("ndcg@10", "hr@10"):  # the paired gain over the control, on the same test users
         gain, low, high = (float(pretrained[f"gain_{metric}{end}"]) for end in ("", "_low", "_high"))
         assert gain == pytest.approx(float(pretrained[metric]) - float(control[metric]), abs=2e-6)
@@ -256,6 +262,10 @@ def _check_reports(out: Path, rows: dict[str, dict[str, str]]) -> None:
     md = (out / "scaling.md").read_text()
     assert "| 0.5 (15) |" in md and "NOT matched arms: pretrained cells finetune in mode adapter" in md
     assert "## gain over no pretraining, test NDCG@10" in md and "| 0.5 | s0: " in md
+    tail = rows["id-tgt0.5-seed0"]
+    assert "## test NDCG@10, tail targets only" in md
+    assert f"| 0.5 ({tail['users_tail']}) | {float(rows['src0-tgt0.5-seed0']['ndcg@10_tail']):.4f} |" in md
+    assert f"| {float(tail['ndcg@10_tail']):.4f} |\n" in md  # the ID baseline's column, no popularity column
     assert (
         "## zero-shot: the start of finetuning" in md
         and f"| 1 | {float(rows['src1-tgt0.5-seed0']['start_ndcg@10']):.4f}" in md
