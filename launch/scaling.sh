@@ -3,7 +3,7 @@
 # launcher through launch/pretrain.sh: NPROC ranks per run on this machine, or the nodes of HOSTFILE.
 #
 #   launch/scaling.sh --config launch/studies/demo.toml                                   # after launch/demo.sh
-#   NPROC=8 launch/scaling.sh --config launch/studies/real.toml \
+#   NPROC=8 launch/scaling.sh --config launch/studies/ml100k_top.toml \
 #       scaling.sources=shards/microlens-50k,shards/hm scaling.target=shards/ml-100k       # 8 GPUs per run
 #   HOSTFILE=launch/hostfile.example NPROC=8 launch/scaling.sh --config ...               # every node per run
 #

@@ -26,8 +26,8 @@ size, one line per target fraction), and every subset, run and log."""
 EXAMPLES = """\
 examples:
   python -m finetune.scaling --config launch/studies/demo.toml
-  python -m finetune.scaling --config launch/studies/real.toml scaling.seeds=[0,1] --dry-run
-  bash launch/scaling.sh --config launch/studies/real.toml     # every run under the deepspeed launcher
+  python -m finetune.scaling --config launch/studies/ml100k_top.toml scaling.seeds=[0,1] --dry-run
+  bash launch/scaling.sh --config launch/studies/ml100k_top.toml     # every run under the deepspeed launcher
 Every key of the [scaling] table: python -m finetune.scaling --help-config"""
 
 
