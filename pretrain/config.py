@@ -337,6 +337,12 @@ class ModelConfig(_Section):
     """How the modalities of an item are combined."""
     user: UserEncoderConfig = field(default_factory=UserEncoderConfig)
     """The sequence encoder."""
+    feature_cache_dir: str = ""
+    """Folder of the disk store under model.text.cache_frozen / model.image.cache_frozen: each item's frozen-bottom
+    output is written once and read back by later runs, validations, evaluations and finetuning cells, keyed by the
+    exact frozen weights, the split, the model config, the items shards and the preprocessing. '': the default,
+    $MOMREC_CACHE/features (~/.cache/momrec/features when MOMREC_CACHE is unset); 'none': no disk store (memory
+    only). List and prune it with `python -m pretrain.cache`."""
 
     def _validate(self) -> None:
         content = self.text.enabled or self.image.enabled

@@ -12,19 +12,26 @@ stages), and a head (final norm) follows. The longest prefix of stages whose par
 ``requires_grad=False`` is the *frozen bottom*: it runs under ``torch.no_grad()`` in eval mode (no dropout, BatchNorm
 statistics stay fixed) so it builds no autograd graph, and its per-item output can be cached (IISAN-style) keyed by
 ``(domain, item_index)``. The bottom is found from the flags at every forward, so adapters that unfreeze bottom
-weights (LoRA) shrink it automatically instead of silently losing their gradients.
+weights (LoRA) shrink it automatically instead of silently losing their gradients. Under that in-memory cache a disk
+store (:mod:`pretrain.feature_store`) keeps the bottom's outputs across processes, for the domains whose items source
+was bound (:meth:`Backbone.bind_source`), keyed by the exact bytes of the frozen weights (:func:`bottom_key`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import logging
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .feature_store import SEGMENT_BYTES, DiskCache, Source, digest_of
 
 log = logging.getLogger(__name__)
 
@@ -260,13 +267,27 @@ class FrozenCache:
         self.fingerprint: torch.Tensor | None = None
         self.uses = 0
         self.hits = self.misses = 0
+        self.computed = self.disk_hits = 0
+        """Items whose bottom ran (misses the disk store did not have); items served from the disk store."""
+        self.prefetched: set[tuple[int, int]] = set()
+        """Items read from disk along with wanted ones and not used yet (their first hit counts as a disk hit)."""
+        self.generation = 0
+        """Incremented by every clearing: the disk store's bottom key is valid for one generation."""
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def invalidate(self) -> None:
         self.entries.clear()
+        self.prefetched.clear()
         self.split, self.fingerprint = -1, None
+        self.generation += 1
+
+    def drop_domain(self, domain: int) -> None:
+        """Forget the items of ``domain`` (its items source changed)."""
+        for key in [k for k in self.entries if k[0] == domain]:
+            del self.entries[key]
+            self.prefetched.discard(key)
 
     def sync(self, split: int, params: list[nn.Parameter]) -> None:
         """Make the cache valid for a bottom of ``split`` stages holding ``params``; clears it if that changed."""
@@ -292,15 +313,21 @@ class FrozenCache:
         if entry is None:
             self.misses += 1
             return None
-        self.hits += 1
+        if key in self.prefetched:
+            self.prefetched.discard(key)
+            self.disk_hits += 1
+        else:
+            self.hits += 1
         self.entries.move_to_end(key)
         return entry
 
-    def put(self, key: tuple[int, int], entry: torch.Tensor) -> None:
+    def put(self, key: tuple[int, int], entry: torch.Tensor, prefetched: bool = False) -> None:
         self.entries[key] = entry
         self.entries.move_to_end(key)
+        if prefetched:
+            self.prefetched.add(key)
         while len(self.entries) > self.max_items:
-            self.entries.popitem(last=False)
+            self.prefetched.discard(self.entries.popitem(last=False)[0])
 
 
 @torch.no_grad()
@@ -312,6 +339,32 @@ def _fingerprint(params: list[nn.Parameter]) -> torch.Tensor:
     return torch.stack(rows).cpu()
 
 
+@torch.no_grad()
+def bottom_key(backbone: Backbone, split: int) -> tuple[str, dict[str, Any]] | None:
+    """(key, summary) of the frozen bottom of ``split`` stages: the exact bytes of its parameters and buffers, the
+    split, the model class and config, the torch and transformers versions and the device type. None when the
+    parameters are not all here (ZeRO-3 partitions them): such a bottom is cached in memory only."""
+    import transformers
+
+    stages = backbone.stages()[:split]
+    tensors = [(f"{i}.{name}", t) for i, stage in enumerate(stages)
+               for name, t in itertools.chain(stage.named_parameters(), stage.named_buffers())]  # fmt: skip
+    if not tensors or any(getattr(t, "ds_numel", t.numel()) != t.numel() for _, t in tensors):
+        return None
+    weights = hashlib.sha256()
+    for name, t in tensors:
+        weights.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        weights.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+    model, first = backbone.model, tensors[0][1]
+    summary = {"model": type(model).__name__, "split": split, "stages": len(backbone.stages()),
+               "dtype": str(first.dtype).removeprefix("torch."), "weights": weights.hexdigest()[:16]}  # fmt: skip
+    config = model.config
+    key = digest_of(summary, weights.hexdigest(), type(backbone.family).__name__, config.to_dict(),
+                    getattr(config, "_attn_implementation", None), first.device.type, torch.__version__,
+                    transformers.__version__)  # fmt: skip
+    return key, summary
+
+
 # ---- the backbone runner shared by both towers ---------------------------------------------------------------------
 
 
@@ -319,7 +372,8 @@ class Backbone(nn.Module):
     """A transformers model run stage by stage: frozen bottom under no_grad (cached on request), then the top.
 
     ``forward(inputs, mask, keys)`` returns the output of the last block: (U, T, H) token states for text (zero at
-    padding), (N, P, H) or (N, C, h, w) for images, before the family's head.
+    padding), (N, P, H) or (N, C, h, w) for images, before the family's head. ``feature_cache``: the folder of the
+    disk store under the cache (None: memory only); ``tower`` names the entries it writes.
     """
 
     def __init__(
@@ -332,12 +386,15 @@ class Backbone(nn.Module):
         cache_max_items: int = 100_000,
         cache_device: CacheDevice = "cpu",
         cache_check_every: int = 0,
+        feature_cache: Path | None = None,
+        tower: str = "text",
     ) -> None:
         super().__init__()
         self.model = model
         self.family = family
         self.gradient_checkpointing = gradient_checkpointing
         self.cache = FrozenCache(cache_max_items, cache_device, cache_check_every) if cache_frozen else None
+        self.disk = DiskCache(feature_cache, tower) if cache_frozen and feature_cache is not None else None
         self.register_load_state_dict_post_hook(_invalidate_after_load)
 
     def stages(self) -> list[nn.Module]:
@@ -357,9 +414,40 @@ class Backbone(nn.Module):
         self.invalidate()
 
     def invalidate(self) -> None:
-        """Forget every cached bottom output."""
+        """Forget every cached bottom output (after writing the disk store's pending items, if the weights they were
+        computed with are still there)."""
         if self.cache is not None:
+            self.flush_cache()
             self.cache.invalidate()
+
+    def bind_source(self, domain: int, source: Source) -> None:
+        """The items of ``domain`` come from ``source`` (:mod:`pretrain.feature_store`): their bottom outputs may be
+        read from and written to the disk store. A changed source drops the domain's items from memory."""
+        if self.disk is None or self.cache is None or self.disk.sources.get(domain) == source:
+            return
+        self.flush_cache()
+        self.disk.bind(domain, source)
+        self.cache.drop_domain(domain)
+
+    def flush_cache(self) -> int:
+        """Write the items computed since the last flush to the disk store; returns how many."""
+        disk = self.disk
+        if disk is None or disk.bottom is None:
+            return 0
+        return disk.flush(self._current_key)
+
+    def _current_key(self) -> str | None:
+        """The key of the disk store's bottom as the weights are now."""
+        assert self.disk is not None
+        bottom = bottom_key(self, self.disk.split)
+        return None if bottom is None else bottom[0]
+
+    def cache_stats(self) -> dict[str, int]:
+        """Items served from memory, read from disk and computed by this process (zeros without a cache)."""
+        cache = self.cache
+        if cache is None:
+            return {"memory": 0, "disk": 0, "computed": 0}
+        return {"memory": cache.hits, "disk": cache.disk_hits, "computed": cache.computed}
 
     def frozen_split(self) -> int:
         """Number of leading stages (stem = stage 0) whose parameters are all frozen."""
@@ -413,18 +501,62 @@ class Backbone(nn.Module):
         key_list = [(int(d), int(i)) for d, i in keys.tolist()]
         entries = [cache.get(k) for k in key_list]
         miss = [u for u, e in enumerate(entries) if e is None]
+        disk = self._disk(split)
+        if miss and disk is not None:
+            miss = self._from_disk(disk, key_list, entries, miss, inputs.device)
         if miss:
             rows = torch.tensor(miss, device=inputs.device)
             sub_mask = None if mask is None else mask[rows]
             x = _zero_padding(self._run(0, split, inputs[rows], sub_mask), sub_mask)
             x = x.to("cpu") if cache.device == "cpu" else x  # one copy for all misses, not one per item
+            cache.computed += len(miss)
             for j, u in enumerate(miss):
                 entries[u] = x[j, : lengths[u]].clone()  # a copy: a view would keep the whole batch alive
                 cache.put(key_list[u], entries[u])
+                if disk is not None:
+                    disk.add(key_list[u], entries[u])
+            if disk is not None and disk.pending_bytes >= SEGMENT_BYTES:
+                self.flush_cache()
         if mask is None:
             return torch.stack(entries).to(inputs.device, non_blocking=True)
         x_UTH = nn.utils.rnn.pad_sequence(entries, batch_first=True)  # each entry holds its item's own tokens only
         return F.pad(x_UTH, (0, 0, 0, mask.shape[1] - x_UTH.shape[1])).to(inputs.device, non_blocking=True)
+
+    def _disk(self, split: int) -> DiskCache | None:
+        """The disk store, keyed for the current bottom (a new cache generation first flushes the previous
+        bottom's items and computes the new key); None without one or for an unhashable bottom."""
+        disk, cache = self.disk, self.cache
+        if disk is None or cache is None:
+            return None
+        if disk.generation != cache.generation:
+            self.flush_cache()
+            disk.reset(cache.generation, split, bottom_key(self, split))
+        return disk if disk.bottom is not None else None
+
+    def _from_disk(
+        self,
+        disk: DiskCache,
+        key_list: list[tuple[int, int]],
+        entries: list[torch.Tensor | None],
+        miss: list[int],
+        device: torch.device,
+    ) -> list[int]:
+        """Fill ``entries[u]`` for the misses the disk store holds (the other items of the segments it read join the
+        memory cache too); returns the misses left."""
+        cache = self.cache
+        assert cache is not None
+        found = disk.load(key_list[u] for u in miss)
+        wanted = {key_list[u] for u in miss}
+        target = "cpu" if cache.device == "cpu" else device
+        for key, x in found.items():
+            if key not in wanted and key not in cache.entries:
+                cache.put(key, x.to(target), prefetched=True)
+        for u in miss:
+            if (x := found.get(key_list[u])) is not None:
+                entries[u] = x.to(target)
+                cache.put(key_list[u], entries[u])
+                cache.disk_hits += 1
+        return [u for u in miss if entries[u] is None]
 
     def _run(self, start: int, stop: int, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         blocks = self.family.blocks()
@@ -504,7 +636,8 @@ class TextEncoder(nn.Module):
     embedding, and every token state through the same projection (zero at padding; None when ``with_tokens=False``)
     for token-level fusion (Q-Former). Pooling and projection are always trainable; ``trainable`` selects the
     backbone part (``top``: the last ``top_layers`` transformer layers). ``keys_U2`` (:func:`item_keys`) enables
-    the frozen-bottom cache when ``cache_frozen``.
+    the frozen-bottom cache when ``cache_frozen``, with a disk store in the folder ``feature_cache`` (None: memory
+    only) for the domains bound with :meth:`Backbone.bind_source`.
     """
 
     def __init__(
@@ -524,6 +657,7 @@ class TextEncoder(nn.Module):
         cache_max_items: int = 100_000,
         cache_device: CacheDevice = "cpu",
         cache_check_every: int = 0,
+        feature_cache: Path | None = None,
     ) -> None:
         super().__init__()
         model = load_backbone(name_or_path, init, config_overrides, "bert")
@@ -536,6 +670,8 @@ class TextEncoder(nn.Module):
             cache_max_items=cache_max_items,
             cache_device=cache_device,
             cache_check_every=cache_check_every,
+            feature_cache=feature_cache,
+            tower="text",
         )
         self.pool = TokenPooling(pooling, family.width())
         self.proj = projection_head(projection, family.width(), out_dim, dropout)
@@ -573,7 +709,8 @@ class ImageEncoder(nn.Module):
     patch / spatial token states through the same projection (None when ``with_tokens=False``). ``trainable="top"``
     trains the last ``top_layers`` transformer layers (ViT) or stages (ResNet, ConvNeXt) and the final norm.
     ``keys_N2`` (:func:`image_keys`) enables the frozen-bottom cache when ``cache_frozen``; the cache keeps the
-    first version of an image it saw, so random augmentation of a cached item is not seen by the bottom.
+    first version of an image it saw, so random augmentation of a cached item is not seen by the bottom;
+    ``feature_cache`` as :class:`TextEncoder`'s.
     """
 
     def __init__(
@@ -593,6 +730,7 @@ class ImageEncoder(nn.Module):
         cache_max_items: int = 10_000,
         cache_device: CacheDevice = "cpu",
         cache_check_every: int = 0,
+        feature_cache: Path | None = None,
     ) -> None:
         super().__init__()
         model = load_backbone(name_or_path, init, config_overrides, architecture)
@@ -605,6 +743,8 @@ class ImageEncoder(nn.Module):
             cache_max_items=cache_max_items,
             cache_device=cache_device,
             cache_check_every=cache_check_every,
+            feature_cache=feature_cache,
+            tower="image",
         )
         width = family.width()
         self.proj = projection_head(projection, width, out_dim, dropout)

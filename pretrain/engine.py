@@ -323,6 +323,8 @@ def build(
     folders = validate.catalog_folders(cfg)
     catalog = Catalog.from_folders(folders)
     model = model_factory(cfg, catalog)
+    for domain, folder in enumerate(folders):  # the stream and the validations read each domain's items from here
+        model.bind_items(domain, folder, cfg.data.stream)
     if cfg.engine.precision == "bf16":
         norm_buffers_to_bf16(model)
     seed_everything(cfg.engine.seed + dist.rank)  # dropout and sampled negatives differ across ranks
@@ -370,6 +372,7 @@ def train(
         _open_writer(run, resumed)
         try:
             last = loop(run)
+            run.engine.module.flush_feature_cache()  # the frozen-bottom outputs computed since the last validation
             _report_data(run, last)
             run.export(run.engine, cfg, run.catalog, run.out_dir / "model")
         finally:

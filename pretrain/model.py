@@ -31,6 +31,7 @@ from shards import schema
 
 from .config import LossConfig, ModelConfig
 from .encoders import ImageEncoder, TextEncoder, image_keys, item_keys
+from .feature_store import feature_dir, image_source, text_source
 from .fusion import build_fusion, rows_to_items
 from .interests import centroids, dpc_knn, interest_memory
 from .losses import (
@@ -183,6 +184,25 @@ class Recommender(nn.Module):
             raise ValueError("the model has no item representation: enable a content encoder or id_embeddings")
         items_UD = id_UD if content_UD is None else content_UD if id_UD is None else content_UD + id_UD
         return ItemEmbeddings(items_UD, content_UD, text_UD, image_UD, has_text_U, has_image_U, id_UD, rows_U)
+
+    def bind_items(self, domain: int, folder: str | Path, stream: Any) -> None:
+        """Domain ``domain``'s items are read from the built folder ``folder`` with the stream config ``stream``
+        (:class:`shards.stream.StreamConfig`): their frozen-bottom outputs may then come from, and go to, the disk
+        store (model.feature_cache_dir). Without a binding a domain is cached in memory only."""
+        if self.text is not None and self.text.backbone.disk is not None:
+            self.text.backbone.bind_source(domain, text_source(folder, stream))
+        if self.image is not None and self.image.backbone.disk is not None:
+            self.image.backbone.bind_source(domain, image_source(folder, stream))
+
+    def flush_feature_cache(self) -> int:
+        """Write the frozen-bottom outputs computed since the last flush to the disk store; returns how many."""
+        return sum(tower.backbone.flush_cache() for tower in (self.text, self.image) if tower is not None)
+
+    def feature_cache_stats(self) -> dict[str, dict[str, int]]:
+        """Per tower with a frozen-bottom cache: items served from memory, read from disk, computed (this process)."""
+        towers = {"text": self.text, "image": self.image}
+        cached = {name: t for name, t in towers.items() if t is not None and t.backbone.cache is not None}
+        return {name: t.backbone.cache_stats() for name, t in cached.items()}
 
     def score(self, user_BD: torch.Tensor, items: ItemEmbeddings) -> torch.Tensor:
         """(B, U) cosine scores of users against items (fused per modality with score fusion)."""
@@ -345,7 +365,7 @@ def _text_encoder(model: ModelConfig, width: int) -> TextEncoder:
     return TextEncoder(c.name_or_path, init=c.init, config_overrides=dict(c.config_overrides), pooling=c.pooling,
                        out_dim=width, projection=c.projection, dropout=c.dropout, trainable=c.trainable,
                        top_layers=c.top_layers, gradient_checkpointing=c.gradient_checkpointing,
-                       cache_frozen=c.cache_frozen)  # fmt: skip
+                       cache_frozen=c.cache_frozen, feature_cache=feature_dir(model.feature_cache_dir))  # fmt: skip
 
 
 def _image_encoder(model: ModelConfig, width: int, image_size: int | None) -> ImageEncoder:
@@ -365,4 +385,5 @@ def _image_encoder(model: ModelConfig, width: int, image_size: int | None) -> Im
         top_layers=c.top_layers,
         gradient_checkpointing=c.gradient_checkpointing,
         cache_frozen=c.cache_frozen,
+        feature_cache=feature_dir(model.feature_cache_dir),
     )

@@ -56,6 +56,7 @@ from shards import schema
 from shards.collate import ItemTable, Split, collate_items, split_example, warn_once
 from shards.errors import InputError
 from shards.inspect import read_shard
+from shards.progress import bar
 from shards.stream import StreamConfig, TarErrors
 
 from .config import TrainConfig
@@ -201,15 +202,24 @@ def encode_catalog_content(
 ) -> EncodedCatalog:
     """The whole catalog of ``folder`` (model domain ``domain``) encoded, with each item's stored modalities.
     With a process group, every rank encodes its share of the chunks and receives all rows (every rank must call
-    it)."""
+    it). Frozen-bottom outputs come from and go to the disk store (model.feature_cache_dir) when the model caches
+    them; rank 0 shows a progress bar and logs how many items the cache held."""
     rank, world = ranks()
     device = next(model.parameters()).device
+    model.bind_items(domain, folder, cfg)
+    before = model.feature_cache_stats()
+    share = _share(model.catalog.n_items[domain], chunk, rank, world)
     parts = []
-    for table in catalog_tables(folder, domain, cfg, chunk, rank, world):
-        emb = model.encode_items(table.to(device))
-        fields = {f.name: getattr(emb, f.name) for f in dataclasses.fields(emb)}
-        fields = {k: None if v is None else v.detach() for k, v in fields.items()}
-        parts.append({**fields, "data_text": table.has_text.to(device), "data_image": table.has_image.to(device)})
+    with bar(total=share, enabled=rank == 0, desc=f"encoding {Path(folder).name}", unit="item") as progress:
+        for table in catalog_tables(folder, domain, cfg, chunk, rank, world):
+            emb = model.encode_items(table.to(device))
+            fields = {f.name: getattr(emb, f.name) for f in dataclasses.fields(emb)}
+            fields = {k: None if v is None else v.detach() for k, v in fields.items()}
+            parts.append({**fields, "data_text": table.has_text.to(device), "data_image": table.has_image.to(device)})
+            progress.update(len(table.item_index))
+    model.flush_feature_cache()
+    if rank == 0:
+        _log_cache_use(folder, before, model.feature_cache_stats())
     local = (
         None if not parts else {k: None if v is None else torch.cat([p[k] for p in parts]) for k, v in parts[0].items()}
     )
@@ -225,6 +235,25 @@ def encode_catalog_content(
     order = index_C.argsort()
     code = torch.where(data_text, torch.where(data_image, 0, 1), torch.where(data_image, 2, 3))
     return EncodedCatalog(select(emb, order), code[order])
+
+
+def _share(n_items: int, chunk: int, rank: int, world: int) -> int:
+    """Items in the chunks of ``rank`` (chunk number ``k`` goes to rank ``k mod world``)."""
+    return sum(min(chunk, n_items - start) for k, start in enumerate(range(0, n_items, chunk)) if k % world == rank)
+
+
+def _log_cache_use(folder: str | Path, before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> None:
+    """How this rank's frozen-bottom outputs of a catalog were obtained, per tower; nothing without a cache or when
+    they were all in memory already (a validation during training)."""
+    used = []
+    for tower, now in after.items():
+        delta = {k: v - before.get(tower, {}).get(k, 0) for k, v in now.items()}
+        if not delta["disk"] and not delta["computed"]:
+            continue
+        used.append(f"{tower}: {delta['disk']} from the disk cache, {delta['memory']} from memory, "
+                    f"{delta['computed']} computed")  # fmt: skip
+    if used:
+        log.info("catalog of %s, frozen encoder outputs (rank 0): %s", folder, "; ".join(used))
 
 
 def encode_catalog(

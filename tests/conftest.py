@@ -1,11 +1,27 @@
-"""Fixtures of every test folder: one torch thread, and the environment of a lone in-process run."""
+"""Fixtures of every test folder: one torch thread, a feature cache of the session's own, and the environment of a
+lone in-process run."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
 from tests.testutil import lone_env
+
+
+@pytest.fixture(autouse=True, scope="session")
+def own_feature_cache(tmp_path_factory):
+    """MOMREC_CACHE in a folder of this session (commands the tests start inherit it): the suite never reads or
+    writes the real ~/.cache/momrec, so it stays hermetic and deterministic."""
+    before = os.environ.get("MOMREC_CACHE")
+    os.environ["MOMREC_CACHE"] = str(tmp_path_factory.mktemp("momrec-cache"))
+    yield
+    if before is None:
+        os.environ.pop("MOMREC_CACHE", None)
+    else:
+        os.environ["MOMREC_CACHE"] = before
 
 
 @pytest.fixture(autouse=True)
