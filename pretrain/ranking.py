@@ -120,19 +120,30 @@ def catalog_tables(
     folder: str | Path, domain: int, cfg: StreamConfig, chunk: int = ENCODE_CHUNK, rank: int = 0, world: int = 1
 ) -> Iterator[ItemTable]:
     """The catalog of ``folder`` (its items shards, in order) as item tables of ``chunk`` items of ``domain``;
-    only the chunks numbered ``rank`` mod ``world`` (the others are read but not decoded)."""
+    only the chunks numbered ``rank`` mod ``world`` are collated. Every rank decodes every item, so that a bad one
+    stops all ranks alike (one rank stopping alone would leave the others waiting in a collective)."""
     manifest = schema.load_manifest(folder)
-    pending: list[dict[str, Any]] = []
+    pending: list[tuple[int, schema.Item]] = []
     number = 0
     for info in manifest.item_shards:
         for raw in _catalog_samples(Path(folder), info):
-            pending.append(raw)
+            pending.append((domain, _catalog_item(raw, manifest.n_items)))
             if len(pending) == chunk:
                 if number % world == rank:
-                    yield collate_items([(domain, schema.decode_item(r)) for r in pending], cfg)
+                    yield collate_items(pending, cfg)
                 pending, number = [], number + 1
     if pending and number % world == rank:
-        yield collate_items([(domain, schema.decode_item(r)) for r in pending], cfg)
+        yield collate_items(pending, cfg)
+
+
+def _catalog_item(raw: dict[str, Any], n_items: int) -> schema.Item:
+    """The item of an items-shard sample; one that breaks the schema (or has an index outside the catalog) is an
+    :class:`InputError`: a catalog with an item left out cannot be ranked against."""
+    try:
+        return schema.decode_item(raw, n_items=n_items)
+    except schema.SampleError as e:
+        hint = f"the catalog is incomplete (run `python -m shards verify {Path(e.shard).parent}`)"
+        raise InputError(f"{e}: {hint}") from None
 
 
 def _catalog_samples(folder: Path, info: schema.ShardInfo) -> Iterator[dict[str, Any]]:
@@ -294,7 +305,8 @@ def held_out_users(
     skipped (counted in ``counts['bad_samples']``, logged once), and so is unreadable tar content (a truncated
     shard: ``counts['tar_errors']``)."""
     counts = Counter() if counts is None else counts
-    shards = list(schema.load_manifest(folder).seq_shards)
+    manifest = schema.load_manifest(folder)
+    shards = list(manifest.seq_shards)
     if users:
         random.Random(f"momrec-eval-users:{seed}").shuffle(shards)
     taken = 0
@@ -305,7 +317,7 @@ def held_out_users(
         # only item indices are held out: the item images are passed over unextracted
         for raw in read_shard(path, TarErrors([str(path)], counts), lambda name: not schema.is_image_member(name)):
             try:
-                seq = schema.decode_seq(raw, images=False)
+                seq = schema.decode_seq(raw, images=False, n_items=manifest.n_items, n_users=manifest.n_users)
             except schema.SampleError as e:
                 counts["bad_samples"] += 1
                 warn_once(log, ("eval-sample", e.shard, e.key), "skipping bad sample: %s", e)

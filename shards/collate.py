@@ -39,6 +39,12 @@ log = logging.getLogger(__name__)
 
 Split = Literal["train", "valid", "test"]
 SPLITS: tuple[Split, ...] = ("train", "valid", "test")
+TEXT_CHARS_PER_TOKEN = 16
+"""An item text is cut to ``max_text_len * TEXT_CHARS_PER_TOKEN`` characters before it is tokenized (and then
+truncated to ``max_text_len`` tokens, as always), so what one text costs the tokenizer is bounded (a 20 MB text
+took 3 GB and half a minute whole). A token of ordinary text spans a few characters, so the cut leaves the tokens
+kept unchanged; only a text whose first characters were mostly whitespace, or words the tokenizer makes one token
+of (a word of over 100 characters is one [UNK]), could lose tokens to it."""
 
 
 def default_text_model() -> str:
@@ -254,7 +260,8 @@ class Collator:
         if not self.cfg.item_content:  # ID-only model: no text is read
             empty = torch.zeros((len(table), 0), dtype=torch.long)
             return {"input_ids": empty, "attention_mask": empty, "has_text": torch.zeros(len(table), dtype=torch.bool)}
-        texts = [it.text or "" for _, it in table]
+        budget = self.cfg.max_text_len * TEXT_CHARS_PER_TOKEN  # a 200 MB text would cost gigabytes to tokenize
+        texts = [(it.text or "")[:budget] for _, it in table]
         enc = load_tokenizer(self.cfg.text_model)(
             texts,
             padding="longest",

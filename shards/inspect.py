@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -107,19 +108,29 @@ def _verify_shard(path: Path, info: schema.ShardInfo, kind: str, m: schema.Manif
     try:
         for raw in read_shard(path):
             count += 1
-            if kind == "items":
-                seen.append(schema.decode_item(raw).index)
-            else:
-                seq = schema.decode_seq(raw)
-                seen.append(seq.index)
-                bad = [it.index for it in seq.items if not 0 <= it.index < m.n_items]
-                if bad:
-                    problems.append(f"{info.name}: user {seq.id!r} refers to items outside the catalog: {bad[:5]}")
-    except (schema.SampleError, ValueError, OSError) as e:
-        problems.append(f"{info.name}: {e}")
+            try:
+                seen.append(_verified_index(raw, kind, m))
+            except schema.SampleError as e:  # one problem line per bad sample; the shard's others are checked on
+                problems.append(f"{info.name}: sample {e.key!r}: field {e.field!r}: {e.reason}")
+    except (tarfile.TarError, EOFError, ValueError, OSError) as e:  # unreadable tar content
+        problems.append(f"{info.name}: unreadable after {count} samples: {e}")
     if count != info.samples:
         problems.append(f"{info.name}: {count} samples, manifest says {info.samples}")
     return problems
+
+
+def _verified_index(raw: dict[str, Any], kind: str, m: schema.Manifest) -> int:
+    """The index of a sample that decodes, with its item (and user) indices within the manifest's counts and no
+    member over :data:`~shards.schema.MAX_MEMBER_BYTES`; a :class:`~shards.schema.SampleError` otherwise."""
+    if kind == "items":
+        index = schema.decode_item(raw, n_items=m.n_items).index
+    else:
+        index = schema.decode_seq(raw, n_items=m.n_items, n_users=m.n_users).index
+    for name, data in sorted(raw.items()):  # members no field declares are not read by decoding
+        if isinstance(data, (bytes, bytearray)) and len(data) > schema.MAX_MEMBER_BYTES:
+            reason = f"{len(data):,} bytes, over the limit of {schema.MAX_MEMBER_BYTES:,} (MAX_MEMBER_BYTES)"
+            raise schema.SampleError(str(raw.get("__url__")), str(raw.get("__key__")), name, reason)
+    return index
 
 
 def describe_batches(stream: Any, n: int) -> str:

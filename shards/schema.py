@@ -33,12 +33,14 @@ image bytes as bytes: nothing here unpickles or ``torch.load``s shard content.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from . import safejson
 from .errors import InputError
 
 SCHEMA_VERSION = 1
@@ -49,6 +51,12 @@ ShardKind = Literal["items", "seqs"]
 Modality = Literal["text", "image"]
 MODALITIES: tuple[Modality, ...] = ("text", "image")
 MIN_SEQ_LEN = 3  # at least one training item, then the validation and test targets
+MAX_MEMBER_BYTES = 64 << 20
+"""The largest tar member (a sample's JSON, one image) a reader accepts: a bigger one makes its sample bad (a
+counted skip in the stream, a problem for ``verify``), not a parse of gigabytes. A sequence sample's JSON is
+typically a few KB to a few hundred KB."""
+MAX_INDEX = 2**63
+"""Item and user indices are below this (they become 64-bit tensors) even where the catalog's size is not known."""
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -184,19 +192,37 @@ def _source(raw: Mapping[str, Any]) -> str:
     return str(raw.get("__url__", "<sample>"))
 
 
-def _load_json(raw: Mapping[str, Any]) -> dict[str, Any]:
-    shard, key = _source(raw), str(raw.get("__key__", "?"))
-    data = raw.get("json")
+def _member(raw: Mapping[str, Any], name: str, where: tuple[str, str]) -> bytes | None:
+    """The bytes of the member ``name`` (None if absent); a :class:`SampleError` if they are no bytes or more than
+    :data:`MAX_MEMBER_BYTES`."""
+    data = raw.get(name)
+    if data is None:
+        return None
     if not isinstance(data, (bytes, bytearray)):
-        raise SampleError(shard, key, "json", "missing")
+        raise SampleError(*where, name, "not bytes")
+    if len(data) > MAX_MEMBER_BYTES:
+        raise SampleError(
+            *where, name, f"{len(data):,} bytes, over the limit of {MAX_MEMBER_BYTES:,} (MAX_MEMBER_BYTES)"
+        )
+    return bytes(data)
+
+
+def _load_json(raw: Mapping[str, Any], where: tuple[str, str]) -> dict[str, Any]:
+    data = _member(raw, "json", where)
+    if data is None:
+        raise SampleError(*where, "json", "missing")
     try:
-        meta = json.loads(bytes(data).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SampleError(shard, key, "json", f"not valid UTF-8 JSON ({e})") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SampleError(*where, "json", f"not valid UTF-8 (byte {e.start})") from None
+    try:
+        meta = safejson.loads(text)
+    except safejson.JSONProblem as e:  # malformed, nested too deeply, or a number too long to convert
+        raise SampleError(*where, "json", f"malformed JSON: {e.reason} at column {e.column(text)}") from None
     if not isinstance(meta, dict):
-        raise SampleError(shard, key, "json", "not a JSON object")
+        raise SampleError(*where, "json", "not a JSON object")
     if meta.get("schema") != SCHEMA_VERSION:
-        raise SampleError(shard, key, "schema", f"expected {SCHEMA_VERSION}, got {meta.get('schema')!r}")
+        raise SampleError(*where, "schema", f"expected {SCHEMA_VERSION}, got {meta.get('schema')!r}")
     return meta
 
 
@@ -211,57 +237,86 @@ def _typed(
     return value
 
 
-def _decode_item_meta(meta: Mapping[str, Any], where: tuple[str, str], prefix: str = "") -> tuple[int, str, str | None]:
-    index = _typed(meta, "index", (int,), where, prefix)
-    if index < 0:
-        raise SampleError(*where, prefix + "index", "negative")
+def _index(meta: Mapping[str, Any], name: str, bound: int | None, where: tuple[str, str], prefix: str = "") -> int:
+    """``meta[name]``, an integer in [0, ``bound``) (the catalog's items or the domain's users), or below
+    :data:`MAX_INDEX` when the bound is not known."""
+    value = _typed(meta, name, (int,), where, prefix)
+    if not 0 <= value < (MAX_INDEX if bound is None else bound):
+        shown = str(value) if abs(value) < 10**30 else f"a {len(str(abs(value)))}-digit number"
+        raise SampleError(*where, prefix + name, f"{shown} is outside [0, {'2**63' if bound is None else bound})")
+    return value
+
+
+def _decode_item_meta(
+    meta: Mapping[str, Any], where: tuple[str, str], n_items: int | None, prefix: str = ""
+) -> tuple[int, str, str | None]:
+    index = _index(meta, "index", n_items, where, prefix)
     item_id = _typed(meta, "id", (str,), where, prefix)
     text = _typed(meta, "text", (str, type(None)), where, prefix)
     return index, item_id, text
 
 
-def decode_item(raw: Mapping[str, Any]) -> Item:
-    """An :class:`Item` from a raw WebDataset sample of an items shard (raises :class:`SampleError`)."""
+def decode_item(raw: Mapping[str, Any], *, n_items: int | None = None) -> Item:
+    """An :class:`Item` from a raw WebDataset sample of an items shard (raises :class:`SampleError`).
+    ``n_items``: the catalog's size (the manifest's), which the item's index must be below."""
     where = (_source(raw), str(raw.get("__key__", "?")))
-    meta = _load_json(raw)
-    index, item_id, text = _decode_item_meta(meta, where)
-    image = raw.get("jpg")
-    if image is not None and not isinstance(image, (bytes, bytearray)):
-        raise SampleError(*where, "jpg", "not bytes")
-    return Item(index=index, id=item_id, text=text, image=None if image is None else bytes(image))
+    meta = _load_json(raw, where)
+    index, item_id, text = _decode_item_meta(meta, where, n_items)
+    return Item(index=index, id=item_id, text=text, image=_member(raw, "jpg", where))
 
 
-def decode_seq(raw: Mapping[str, Any], images: bool = True) -> Sequence:
+def decode_seq(
+    raw: Mapping[str, Any], images: bool = True, *, n_items: int | None = None, n_users: int | None = None
+) -> Sequence:
     """A :class:`Sequence` from a raw WebDataset sample of a seqs shard (raises :class:`SampleError`).
     ``images=False``: the sample was read without its image members (a stream for a model without content):
-    no item gets image bytes, and none is required."""
+    no item gets image bytes, and none is required. ``n_items`` and ``n_users`` (the manifest's counts) bound the
+    item and user indices; unknown, they only have to fit a 64-bit index."""
     where = (_source(raw), str(raw.get("__key__", "?")))
-    meta = _load_json(raw)
-    index = _typed(meta, "index", (int,), where)
+    meta = _load_json(raw, where)
+    index = _index(meta, "index", n_users, where)
     user_id = _typed(meta, "id", (str,), where)
     entries = _typed(meta, "items", (list,), where)
-    items = []
-    for pos, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            raise SampleError(*where, f"items[{pos}]", "not a JSON object")
-        i_index, i_id, text = _decode_item_meta(entry, where, prefix=f"items[{pos}].")
-        has_image = _typed(entry, "image", (bool,), where, f"items[{pos}].")
-        image = raw.get(image_field(pos)) if has_image and images else None
-        if has_image and images and not isinstance(image, (bytes, bytearray)):
-            raise SampleError(*where, image_field(pos), "declared in items but missing from the sample")
-        items.append(Item(index=i_index, id=i_id, text=text, image=None if image is None else bytes(image)))
+    items = tuple(_seq_item(raw, entry, pos, images, n_items, where) for pos, entry in enumerate(entries))
     positions = _typed(meta, "seq", (list,), where)
     if len(positions) < MIN_SEQ_LEN:
         raise SampleError(*where, "seq", f"needs at least {MIN_SEQ_LEN} interactions, got {len(positions)}")
     if not all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p < len(items) for p in positions):
         raise SampleError(*where, "seq", f"positions must be integers in [0, {len(items)})")
-    stamps = meta.get("timestamps")
-    if stamps is not None:
-        ok = isinstance(stamps, list) and len(stamps) == len(positions)
-        if not ok or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in stamps):
-            raise SampleError(*where, "timestamps", "must be null or one number per position of seq")
-        stamps = tuple(float(t) for t in stamps)
-    return Sequence(index=index, id=user_id, items=tuple(items), seq=tuple(positions), timestamps=stamps)
+    stamps = _timestamps(meta.get("timestamps"), len(positions), where)
+    return Sequence(index=index, id=user_id, items=items, seq=tuple(positions), timestamps=stamps)
+
+
+def _seq_item(
+    raw: Mapping[str, Any], entry: Any, pos: int, images: bool, n_items: int | None, where: tuple[str, str]
+) -> Item:
+    """``items[pos]`` of a sequence sample, with its image member when it declares one (and ``images``)."""
+    if not isinstance(entry, dict):
+        raise SampleError(*where, f"items[{pos}]", "not a JSON object")
+    index, item_id, text = _decode_item_meta(entry, where, n_items, prefix=f"items[{pos}].")
+    has_image = _typed(entry, "image", (bool,), where, f"items[{pos}].")
+    image = _member(raw, image_field(pos), where) if has_image and images else None
+    if has_image and images and image is None:
+        raise SampleError(*where, image_field(pos), "declared in items but missing from the sample")
+    return Item(index=index, id=item_id, text=text, image=image)
+
+
+def _timestamps(stamps: Any, n: int, where: tuple[str, str]) -> tuple[float, ...] | None:
+    """The ``timestamps`` field: None, or ``n`` finite numbers (as floats)."""
+    if stamps is None:
+        return None
+    problem = SampleError(*where, "timestamps", "must be null or one finite number per position of seq")
+    if not isinstance(stamps, list) or len(stamps) != n:
+        raise problem
+    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in stamps):
+        raise problem
+    try:
+        floats = tuple(float(t) for t in stamps)
+    except OverflowError:  # an integer beyond the range of a float
+        raise problem from None
+    if not all(math.isfinite(t) for t in floats):
+        raise problem
+    return floats
 
 
 # ---- manifest ------------------------------------------------------------------------------------
@@ -311,9 +366,14 @@ def load_manifest(folder: str | Path) -> Manifest:
     if not path.is_file():
         raise InputError(f"{path}: no manifest (is {folder} a folder written by 'python -m shards build'?)")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not valid UTF-8 JSON ({e})") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    try:
+        doc = safejson.loads(text)
+    except safejson.JSONProblem as e:
+        where = {"file": str(path), "line": text.count("\n", 0, e.pos) + 1}
+        raise InputError(f"malformed JSON: {e.reason} at column {e.column(text)}", **where) from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA_VERSION:
         raise InputError(f"{path}: field 'schema': expected {SCHEMA_VERSION}")
     try:

@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import webdataset as wds
@@ -135,6 +135,13 @@ class StreamConfig:
 # ---- the per-worker pipeline ----------------------------------------------------------------------
 
 
+class DomainSize(NamedTuple):
+    """A domain's counts, which the indices of its samples must be below."""
+
+    items: int
+    users: int
+
+
 class TarErrors:
     """wds handler: count and log unreadable tar content, then go on with the next member or shard.
 
@@ -200,14 +207,18 @@ class _RawSamples:
 
 class _Decode:
     """Raw sample -> (domain, schema.Sequence, source); None (dropped by wds.map) for a sample that breaks the
-    schema (``bad_samples``). An item text that is empty or blank is taken as no text (``empty_texts``)."""
+    schema (``bad_samples``): malformed or hostile JSON, a member over schema.MAX_MEMBER_BYTES, an item or user
+    index outside its domain's counts. An item text that is empty or blank is taken as no text (``empty_texts``)."""
 
-    def __init__(self, domain_of_url: dict[str, int], counts: Counter, images: bool = True) -> None:
-        self.domain_of_url, self.counts, self.images = domain_of_url, counts, images
+    def __init__(
+        self, domain_of_url: dict[str, int], sizes: Sequence[DomainSize], counts: Counter, images: bool = True
+    ) -> None:
+        self.domain_of_url, self.sizes, self.counts, self.images = domain_of_url, sizes, counts, images
 
     def __call__(self, raw: dict[str, Any]) -> tuple[int, schema.Sequence, str] | None:
+        size = self.sizes[self.domain_of_url[raw["__url__"]]]
         try:
-            seq = schema.decode_seq(raw, self.images)
+            seq = schema.decode_seq(raw, self.images, n_items=size.items, n_users=size.users)
         except schema.SampleError as e:
             self.counts["bad_samples"] += 1
             warn_once(log, ("sample", e.shard, e.key), "skipping bad sample: %s", e)
@@ -250,9 +261,16 @@ class _Passes:
     """
 
     def __init__(
-        self, own: Sequence[ShardSlice], everything: Sequence[ShardRef], key: str, cfg: StreamConfig, counts: Counter
+        self,
+        own: Sequence[ShardSlice],
+        everything: Sequence[ShardRef],
+        sizes: Sequence[DomainSize],
+        key: str,
+        cfg: StreamConfig,
+        counts: Counter,
     ) -> None:
-        self.own, self.everything, self.key, self.cfg, self.counts = own, everything, key, cfg, counts
+        self.own, self.everything, self.sizes, self.key, self.cfg = own, everything, sizes, key, cfg
+        self.counts = counts
 
     def __call__(self) -> Iterator[tuple[int, schema.Sequence, str]]:
         draw_rng = random.Random(f"momrec-resample:{self.key}")
@@ -278,7 +296,9 @@ class _Passes:
             # a model without content (data.stream.item_content = false) reads no item image
             _RawSamples(pieces, TarErrors(sorted({p.url for p in pieces}), self.counts), self.cfg.item_content),
             wds.shuffle(bufsize, bufsize, rng=random.Random(f"momrec-shuffle:{self.key}:{n}")) if bufsize else None,
-            wds.map(_Decode({s.url: s.domain for s in self.everything}, self.counts, self.cfg.item_content)),
+            wds.map(
+                _Decode({s.url: s.domain for s in self.everything}, self.sizes, self.counts, self.cfg.item_content)
+            ),
         )
 
 
@@ -289,9 +309,17 @@ def _whole(shard: ShardRef) -> ShardSlice:
 class _RankBatches(IterableDataset):
     """What the DataLoader of one rank iterates: each worker builds and runs the pipeline of its own slot."""
 
-    def __init__(self, plan: EpochPlan, rank: int, cfg: StreamConfig, shards: Sequence[ShardRef], start: int) -> None:
+    def __init__(
+        self,
+        plan: EpochPlan,
+        rank: int,
+        cfg: StreamConfig,
+        shards: Sequence[ShardRef],
+        sizes: Sequence[DomainSize],
+        start: int,
+    ) -> None:
         super().__init__()
-        self.plan, self.rank, self.cfg, self.shards, self.start = plan, rank, cfg, shards, start
+        self.plan, self.rank, self.cfg, self.shards, self.sizes, self.start = plan, rank, cfg, shards, sizes, start
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -311,7 +339,7 @@ class _RankBatches(IterableDataset):
         key = f"{cfg.seed}:{self.plan.epoch}:{self.rank}:{slot}"
         own = self.plan.slots[self.rank][slot]
         return wds.DataPipeline(
-            _Passes(own, self.shards, key, cfg, counts),
+            _Passes(own, self.shards, self.sizes, key, cfg, counts),
             # Resume skips the decoded (not collated) samples of the batches already done: decoding is only JSON
             # parsing, and counting good samples keeps the position exact even when some were bad. The stop ends
             # the input right after the last planned sample (wds.batched reads one sample ahead, which would
@@ -399,7 +427,8 @@ class SequenceStream:
         if self.rank == 0 and self.batches_done == 0:
             _report(plan)
         load_tokenizer(self.cfg.text_model)  # load before forking: workers inherit it instead of each loading it
-        dataset = _RankBatches(plan, self.rank, self.cfg, self.shards, self.batches_done)
+        sizes = [DomainSize(m.n_items, m.n_users) for m in self.manifests]
+        dataset = _RankBatches(plan, self.rank, self.cfg, self.shards, sizes, self.batches_done)
         for batch in wds.WebLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers):
             self.batches_done += 1
             self.stats.update(batch.stats)

@@ -27,21 +27,20 @@ Image URL fields are dropped; every other meta field can be named in ``--text-te
 from __future__ import annotations
 
 import ast
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .. import safejson
 from ..errors import Skips
+from ..safejson import MAX_JSON_DEPTH, JSONProblem, json_depth
 from .base import (
-    MAX_JSON_DEPTH,
     FieldValue,
     RawInteraction,
     RawItem,
     clean_text,
     decoded_lines,
     find_image,
-    json_depth,
     parse_timestamp,
     read_jsonl,
     require_one,
@@ -85,15 +84,17 @@ def json_id(obj: dict[str, Any], key: str, skips: Skips, file: str, line: int) -
 
 
 def _parse_object(text: str) -> Any:
-    """JSON, else a Python literal (the 2014-style meta lines); None if neither, or if nested deeper than
-    MAX_JSON_DEPTH (its fields are cleaned recursively) or holding a number too long to convert."""
+    """JSON (:func:`shards.safejson.loads`), else a Python literal (the 2014-style meta lines); None if neither,
+    or if nested deeper than MAX_JSON_DEPTH (its fields are cleaned recursively) or holding a number too long to
+    convert."""
     try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-            return None
+        return safejson.loads(text)
+    except JSONProblem:
+        pass
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
     return None if json_depth(value) > MAX_JSON_DEPTH else value
 
 

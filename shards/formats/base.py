@@ -12,7 +12,6 @@ import fnmatch
 import gzip
 import html
 import io
-import json
 import math
 import re
 import zlib
@@ -21,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
+from .. import safejson
 from ..errors import InputError, Skips
 from ..progress import bar
+from ..safejson import JSONProblem
 
 FieldValue = str | int | float | list | None
 
@@ -131,42 +132,15 @@ def decoded_lines(path: Path, skips: Skips, progress: bool = False) -> Iterator[
         yield number, text.rstrip("\r\n")
 
 
-MAX_JSON_DEPTH = 100
-"""The deepest nesting of a member's value :func:`read_json_object` passes on: item fields are cleaned
-(:func:`clean_text`) and rendered (:mod:`shards.text`) recursively, two Python frames a level, so a value the
-decoder still reads (up to the interpreter's recursion limit) would raise a RecursionError later."""
-
-
-def json_depth(value: Any) -> int:
-    """How deeply lists and objects nest in ``value`` (a string or number: 0, ``[1]``: 1), without recursion."""
-    depth, todo = 0, [(value, 0)]
-    while todo:
-        value, level = todo.pop()
-        if isinstance(value, (list, dict)):
-            depth = max(depth, level + 1)
-            todo.extend((v, level + 1) for v in (value.values() if isinstance(value, dict) else value))
-    return depth
-
-
 def load_json_line(text: str, file: str, line: int, skips: Skips) -> Any:
     """The JSON value of one line, or None with a counted skip: malformed, nested deeper than
-    :data:`MAX_JSON_DEPTH` (the recursive cleaning and rendering of fields would overflow the stack), or holding a
-    number too long to convert."""
+    :data:`~shards.safejson.MAX_JSON_DEPTH` (the recursive cleaning and rendering of fields would overflow the
+    stack), or holding a number too long to convert (:func:`shards.safejson.loads`)."""
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        skips.add(file, line, None, f"malformed JSON: {e.msg} at column {e.colno}")
+        return safejson.loads(text)
+    except JSONProblem as e:
+        skips.add(file, line, None, f"malformed JSON: {e.reason} at column {e.column(text)}")
         return None
-    except RecursionError:
-        skips.add(file, line, None, "malformed JSON: nested too deeply")
-        return None
-    except ValueError as e:  # a number of more than sys.get_int_max_str_digits() digits
-        skips.add(file, line, None, f"malformed JSON: unreadable value ({str(e).split(':')[0]})")
-        return None
-    if json_depth(value) > MAX_JSON_DEPTH:
-        skips.add(file, line, None, f"malformed JSON: nested too deeply (more than {MAX_JSON_DEPTH} levels)")
-        return None
-    return value
 
 
 def read_jsonl(path: Path, skips: Skips, progress: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -294,7 +268,7 @@ def read_json_object(path: Path) -> Iterator[tuple[int, str, Any]]:
     """(line of the key, key, value) for each member of a file holding one JSON object (``{"k": v, ...}``, as
     LC-Rec writes its data), in file order; gzip is read transparently. The file is one document, so a syntax
     error anywhere makes it unusable: an :class:`InputError` with its line and column, not a skip (so is a value
-    nested deeper than :data:`MAX_JSON_DEPTH`)."""
+    nested deeper than :data:`~shards.safejson.MAX_JSON_DEPTH`)."""
     raw = path.read_bytes()
     if raw.startswith(GZIP_MAGIC):
         try:
@@ -306,9 +280,6 @@ def read_json_object(path: Path) -> Iterator[tuple[int, str, Any]]:
     except UnicodeDecodeError as e:
         raise InputError(f"not UTF-8: byte {e.start}", file=path.name, line=raw.count(b"\n", 0, e.start) + 1) from None
     yield from _object_members(text, path.name)
-
-
-_JSON = json.JSONDecoder()
 
 
 def _object_members(text: str, file: str) -> Iterator[tuple[int, str, Any]]:
@@ -331,19 +302,9 @@ def _object_members(text: str, file: str) -> Iterator[tuple[int, str, Any]]:
 
     def decode(pos: int) -> tuple[Any, int]:
         try:
-            return _JSON.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise fail(e.pos, e.msg) from None
-        except RecursionError:
-            raise fail(pos, "nested too deeply") from None
-        except ValueError as e:  # a number of more than sys.get_int_max_str_digits() digits
-            raise fail(pos, f"unreadable value ({str(e).split(':')[0]})") from None
-
-    def decode_value(pos: int) -> tuple[Any, int]:
-        value, end = decode(pos)
-        if json_depth(value) > MAX_JSON_DEPTH:
-            raise fail(pos, f"nested too deeply (more than {MAX_JSON_DEPTH} levels)")
-        return value, end
+            return safejson.raw_decode(text, pos)
+        except JSONProblem as e:
+            raise fail(e.pos, e.reason) from None
 
     pos = skip_ws(0)
     if not text.startswith("{", pos):
@@ -360,7 +321,7 @@ def _object_members(text: str, file: str) -> Iterator[tuple[int, str, Any]]:
             pos = skip_ws(pos)
             if not text.startswith(":", pos):
                 raise fail(pos, "expected ':'")
-            value, pos = decode_value(skip_ws(pos + 1))
+            value, pos = decode(skip_ws(pos + 1))
             yield key_line, key, value
             pos = skip_ws(pos)
             if text.startswith("}", pos):

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from shards import schema
-from shards.collate import Batch, Collator, ItemTable, collate_items, split_example
+from shards.collate import (
+    TEXT_CHARS_PER_TOKEN,
+    Batch,
+    Collator,
+    ItemTable,
+    collate_items,
+    load_tokenizer,
+    split_example,
+)
 from shards.inspect import read_shard
 from shards.stream import StreamConfig
 
@@ -59,3 +67,43 @@ def test_catalog_read_from_the_items_shard(make_domain) -> None:
 def test_empty_is_refused() -> None:
     with pytest.raises(ValueError, match="at least one item"):
         collate_items([], small_cfg())
+
+
+class _SpyTokenizer:
+    """The stream's tokenizer, recording the longest text it was given."""
+
+    def __init__(self, real) -> None:
+        self.real, self.longest = real, 0
+
+    def __call__(self, texts: list[str], **options):
+        self.longest = max(self.longest, *map(len, texts))
+        return self.real(texts, **options)
+
+
+def test_a_huge_text_is_cut_before_the_tokenizer_sees_it(monkeypatch) -> None:
+    """A 2-million-character item text reaches the tokenizer cut to max_text_len x TEXT_CHARS_PER_TOKEN
+    characters (tokenized whole, a 20 MB text took 3 GB and half a minute), and still fills max_text_len tokens."""
+    import shards.collate as collate
+
+    cfg = small_cfg()
+    spy = _SpyTokenizer(collate.load_tokenizer(cfg.text_model))
+    monkeypatch.setattr(collate, "load_tokenizer", lambda name: spy)
+    items = [(0, schema.Item(0, "huge", "many words " * 200_000)), (0, schema.Item(1, "small", "a short text"))]
+    table = collate_items(items, cfg)
+    assert spy.longest == cfg.max_text_len * collate.TEXT_CHARS_PER_TOKEN
+    assert table.input_ids.shape == (2, cfg.max_text_len) and table.attention_mask[0].all()
+
+
+@pytest.mark.parametrize("max_text_len", [4, 16, 64])
+def test_cutting_texts_changes_no_token_of_ordinary_texts(two_domains: list[Domain], max_text_len: int) -> None:
+    """Item texts of every length, up to many times the character budget, give the tokens the whole text gives."""
+    cfg = small_cfg(max_text_len=max_text_len)
+    words = " ".join(it.text for it in two_domains[0].items if it.text is not None)
+    texts = [words[:n] for n in (0, 1, 7, 100, 1000, 5000)]
+    texts += [(words + " ") * 40, "naïve café " * 3000, "日本語の長いテキスト。" * 2000]
+    table = collate_items([(0, schema.Item(i, str(i), t)) for i, t in enumerate(texts)], cfg)
+    whole = load_tokenizer(cfg.text_model)(texts, padding="longest", truncation=True, max_length=max_text_len,
+                                            return_tensors="pt", return_token_type_ids=False)  # fmt: skip
+    assert len(max(texts, key=len)) > 10 * max_text_len * TEXT_CHARS_PER_TOKEN
+    assert torch.equal(table.input_ids, whole["input_ids"])
+    assert torch.equal(table.attention_mask, whole["attention_mask"])

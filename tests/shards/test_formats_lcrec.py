@@ -13,8 +13,8 @@ from test_build import all_samples
 
 from shards.build import BuildOptions, build
 from shards.errors import InputError
-from shards.formats.base import MAX_JSON_DEPTH
 from shards.inspect import summary
+from shards.safejson import MAX_JSON_DEPTH
 
 ITEMS = {
     "1": {"title": "Cordless Phone", "brand": "AT&amp;T", "categories": "Office, Phones", "description": "A phone."},
