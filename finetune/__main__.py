@@ -1,5 +1,5 @@
 """``python -m finetune --from PRETRAINED_EXPORT|none --data SHARDS [SHARDS ...] --mode full|lora|adapter|frozen|top
-[--config FILE] [section.field=value ...] [--resume]``
+[--config FILE] [section.field=value ...] [--resume] [--force-unlock]``
 
 Also ``deepspeed --module finetune ...`` and ``torchrun -m finetune ...``, as for pretraining.
 """
@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import get_args
 
-from pretrain.cli import add_config_arguments, add_run_arguments, setup_logging
+from pretrain.cli import add_config_arguments, add_run_arguments, run_overrides, setup_logging
 from pretrain.config import FinetuneMode, config_help, to_dict
 
 DESCRIPTION = """\
@@ -100,8 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from .run import resolve_config
 
-        overrides = [*args.overrides, *(["run.resume=true"] if args.resume else [])]
-        cfg = resolve_config(args.source, args.data, args.mode, args.config, overrides)
+        cfg = resolve_config(args.source, args.data, args.mode, args.config, run_overrides(args))
         if args.print_config:
             print(json.dumps(to_dict(cfg), indent=2))
             return 0

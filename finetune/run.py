@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from pretrain.config import TrainConfig, deep_merge, load_config
+from pretrain.lock import rank0_lock
 from pretrain.model import Catalog, Recommender
 from shards.subset import catalog_id
 
@@ -145,8 +146,17 @@ def _log_optim(cfg: TrainConfig, prepared: Prepared) -> None:
 
 def finetune(cfg: TrainConfig) -> dict[str, Any]:
     """Finetune as ``cfg`` says (from :func:`resolve_config`) with the pretrain engine; returns the summary (also
-    written to ``run.out_dir/summary.json``, TensorBoard and metrics.jsonl by rank 0)."""
-    from pretrain.engine import train  # imports DeepSpeed: only when training
+    written to ``run.out_dir/summary.json``, TensorBoard and metrics.jsonl by rank 0). Rank 0 holds run.out_dir's lock
+    (:mod:`pretrain.lock`) until the test results and the summary are written too."""
+    from pretrain.engine import init_distributed  # imports DeepSpeed: only when training
+
+    init_distributed(cfg.engine.process_group_timeout_s)
+    with rank0_lock(cfg.run.out_dir, force=cfg.run.force_unlock, what="run.out_dir"):
+        return _finetune(cfg)
+
+
+def _finetune(cfg: TrainConfig) -> dict[str, Any]:
+    from pretrain.engine import train
 
     source = None if cfg.finetune.from_path == NONE else Source.open(cfg.finetune.from_path)
     job = Finetune(source)

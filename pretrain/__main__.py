@@ -1,4 +1,4 @@
-"""``python -m pretrain --config FILE [--config FILE ...] [section.field=value ...] [--resume]``
+"""``python -m pretrain --config FILE [--config FILE ...] [section.field=value ...] [--resume] [--force-unlock]``
 
 Also ``deepspeed --module pretrain ...`` (the launcher's appended ``--local_rank=N`` is accepted and ignored: the
 rank comes from the environment) and ``torchrun --nproc_per_node N -m pretrain ...``; see launch/pretrain.sh.
@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .cli import add_config_arguments, add_run_arguments, setup_logging
+from .cli import add_config_arguments, add_run_arguments, run_overrides, setup_logging
 from .config import config_help, deepspeed_config, load_config, to_dict
 
 
@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(config_help(), end="")
         return 0
     try:
-        cfg = load_config(args.config, [*args.overrides, *(["run.resume=true"] if args.resume else [])])
+        cfg = load_config(args.config, run_overrides(args))
         if args.print_config:
             print(json.dumps(to_dict(cfg), indent=2))
             return 0

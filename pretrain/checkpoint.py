@@ -104,6 +104,63 @@ def latest_tag(out_dir: str | Path) -> str | None:
     return tag
 
 
+RESUMABLE = (
+    "run",
+    "optim.max_steps",
+    "optim.warmup_steps",
+    "data.valid_domains",
+    "engine.process_group_timeout_s",
+    "model.feature_cache_dir",
+)
+"""Config keys (a section: every key in it) that ``--resume`` may change, logged when it does: how long the run
+goes on (max_steps, and the warm-up with it), what it logs, validates and saves (``run``, also a moved out_dir),
+how long a collective waits, where the feature cache lives. A change to any other key (the model, the training
+data and how it is streamed, the loss, the optimizer's other settings, engine.seed, the ZeRO stage and precision,
+finetune's source and mode) would continue the checkpoint as something it is not: :func:`check_resume` refuses it.
+data.stream.num_workers too: the stream's epoch plan deals batches to the workers, so a saved position means
+nothing under another worker count (shards.stream refuses it as well)."""
+_UNSET = "(unset)"
+
+
+def _flat(tree: Any, path: str = "") -> dict[str, Any]:
+    """Dotted key -> leaf value of a :func:`~pretrain.config.to_dict` table (an empty table is a leaf)."""
+    if not isinstance(tree, dict) or not tree:
+        return {path: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{path}.{key}" if path else key))
+    return out
+
+
+def config_changes(old: TrainConfig, new: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (old value, new value) of every leaf that differs."""
+    a, b = _flat(to_dict(old)), _flat(to_dict(new))
+    keys = sorted(a.keys() | b.keys())
+    return {k: (a.get(k, _UNSET), b.get(k, _UNSET)) for k in keys if a.get(k, _UNSET) != b.get(k, _UNSET)}
+
+
+def resumable(key: str) -> bool:
+    """Whether ``--resume`` may change dotted config key ``key`` (:data:`RESUMABLE`)."""
+    return any(key == r or key.startswith(r + ".") for r in RESUMABLE)
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{k} {json.dumps(old)} -> {json.dumps(new)}" for k, (old, new) in changes.items())
+
+
+def check_resume(cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """Compare ``cfg`` with the config of the checkpoint it resumes (the latest in run.out_dir): a ValueError names
+    every changed key that is not :func:`resumable`, with its old and new values; returns the resumable changes."""
+    folder = checkpoint_dir(cfg.run.out_dir) / str(latest_tag(cfg.run.out_dir))
+    saved = from_dict(json.loads((folder / STATE).read_text(encoding="utf-8"))["config"])
+    changes = config_changes(saved, cfg)
+    refused = {k: v for k, v in changes.items() if not resumable(k)}
+    if refused:
+        raise ValueError(f"--resume: {folder} was saved with another config, and these keys change what it means: "
+                         f"{describe_changes(refused)}; restore them, or start a new run.out_dir")  # fmt: skip
+    return changes
+
+
 def check_out_dir(cfg: TrainConfig) -> None:
     """Refuse to train over another run's checkpoints unless resuming."""
     folder = checkpoint_dir(cfg.run.out_dir)

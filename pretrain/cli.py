@@ -28,12 +28,20 @@ def add_config_arguments(
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """``--resume``, ``--print-config`` and the ``--local_rank`` that the deepspeed launcher appends (accepted and
-    ignored: the rank comes from the environment)."""
+    """``--resume``, ``--force-unlock``, ``--print-config`` and the ``--local_rank`` that the deepspeed launcher
+    appends (accepted and ignored: the rank comes from the environment)."""
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run.out_dir "
                    "(same as run.resume=true; starts afresh when there is none yet)")  # fmt: skip
+    p.add_argument("--force-unlock", action="store_true", help="take run.out_dir's lock even though another run "
+                   "holds it: for a run on another host that died (same as run.force_unlock=true)")  # fmt: skip
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+
+
+def run_overrides(args: argparse.Namespace) -> list[str]:
+    """The overrides of the command line: the positional ones, then those of --resume and --force-unlock."""
+    flags = {"run.resume=true": args.resume, "run.force_unlock=true": args.force_unlock}
+    return [*args.overrides, *(item for item, given in flags.items() if given)]
 
 
 def setup_logging() -> None:

@@ -538,6 +538,10 @@ class RunConfig(_Section):
     resume: bool = False
     """Continue from the latest checkpoint in out_dir (model, optimizer, schedule, data position); without it an
     out_dir that already holds checkpoints is refused."""
+    force_unlock: bool = False
+    """Take out_dir's lock even though another run holds it. A run holds out_dir/.lock from start to end, so a second
+    run into the same folder is refused; the lock of a dead run on this host is taken over by itself, but one left by
+    a run on another host cannot be checked from here: set this (--force-unlock) once you know that run is dead."""
     keep_best: bool = False
     """Export the model of the best valid/ndcg@10 so far to out_dir/best (same format as out_dir/model), at each
     validation that improves on it. Implied by early_stop_patience > 0. python -m finetune defaults it to true."""

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from shards.collate import Batch
 from shards.stream import STATS, SequenceStream
 
-from . import checkpoint, validate
+from . import checkpoint, lock, validate
 from .config import OptimConfig, TrainConfig, deepspeed_config, save_config, to_dict
 from .encoders import Backbone
 from .model import Catalog
@@ -356,13 +356,34 @@ def train(
     cfg: TrainConfig, model_factory: ModelFactory = new_recommender, exporter: Exporter = checkpoint.export
 ) -> dict[str, float]:
     """Train as ``cfg`` says, the model built by ``model_factory`` and written to ``run.out_dir/model`` (and
-    ``best``) by ``exporter``. Returns the last logged metrics and the run's ``run/*`` summary (:func:`summary`)."""
-    checkpoint.check_out_dir(cfg)
+    ``best``) by ``exporter``. Returns the last logged metrics and the run's ``run/*`` summary (:func:`summary`).
+
+    Rank 0 holds ``run.out_dir``'s lock (:mod:`pretrain.lock`) from before anything is written to the end, so a
+    second run into the same folder is refused; a resumed run must keep the checkpoint's meaning
+    (:func:`pretrain.checkpoint.check_resume`)."""
     dist = init_distributed(cfg.engine.process_group_timeout_s)
+    with lock.rank0_lock(cfg.run.out_dir, force=cfg.run.force_unlock, what="run.out_dir"):
+        return _train(cfg, dist, model_factory, exporter)
+
+
+def _check_resume(cfg: TrainConfig, dist: Dist) -> bool:
+    """Whether this run resumes a checkpoint (refusing one whose meaning the config changes); rank 0 logs the
+    changes it allows."""
+    if not cfg.run.resume or checkpoint.latest_tag(cfg.run.out_dir) is None:
+        return False
+    changes = checkpoint.check_resume(cfg)
+    changes = {k: v for k, v in changes.items() if k not in ("run.resume", "run.force_unlock")}
+    if changes and dist.rank == 0:
+        log.info("resuming with changed settings: %s", checkpoint.describe_changes(changes))
+    return True
+
+
+def _train(cfg: TrainConfig, dist: Dist, model_factory: ModelFactory, exporter: Exporter) -> dict[str, float]:
+    checkpoint.check_out_dir(cfg)
+    resumed = _check_resume(cfg, dist)
     lost = None
     try:
         run = build(cfg, dist, model_factory, exporter)
-        resumed = cfg.run.resume and checkpoint.latest_tag(run.out_dir) is not None
         if resumed:
             run.step = run.first_step = checkpoint.load(run.engine, run.stream, run.out_dir)
             log.info("resumed from step %d (epoch %d, batch %d)", run.step, run.stream.epoch, run.stream.batches_done)

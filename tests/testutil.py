@@ -2,11 +2,17 @@
 
 * :func:`lone_env`: the environment of one in-process run (no launcher variables, DeepSpeed on the CPU, offline).
 * :func:`tiny_overrides`: the overrides that make launch/configs/tiny.toml fast on given folders.
+* :func:`hold_lock`: a folder locked by another process, as :mod:`pretrain.lock` writes it; :func:`other_process`:
+  a live process of this host to name as the holder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,3 +40,23 @@ def tiny_overrides(folders: list[str], out_dir: Path, *more: str) -> list[str]:
         "engine.process_group_timeout_s=60",
         *more,
     ]
+
+
+def hold_lock(folder: Path, pid: int, host: str | None = None) -> dict[str, object]:
+    """Lock ``folder`` in the name of process ``pid`` of ``host`` (default: this host), as another run would."""
+    folder.mkdir(parents=True, exist_ok=True)
+    holder = {"host": host or socket.gethostname(), "pid": pid, "since": "2025-01-02 03:04:05 +0000",
+              "command": "python -m pretrain --config other.toml"}  # fmt: skip
+    (folder / ".lock").write_text(json.dumps(holder))
+    return holder
+
+
+@contextlib.contextmanager
+def other_process() -> Iterator[subprocess.Popen]:
+    """A live process of this host that is not this one (a lock holder that is running), killed at the end."""
+    proc = subprocess.Popen(["sleep", "600"])
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()

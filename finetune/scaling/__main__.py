@@ -17,7 +17,9 @@ baseline (SASRec) is trained on each target fraction too. Each run is its own pr
 -m, the deepspeed launcher or torchrun; launch/scaling.sh).
 
 Resumable: results.csv gets a row as each cell finishes; a re-run skips finished cells, retries failed ones (from
-their last checkpoint when they have one) and refuses changed settings (the grid may grow).
+their last checkpoint when they have one; not a run that exits 2, a config or input error) and refuses changed
+settings (the grid may grow). One study at a time per folder: it holds scaling.out_dir/.lock while it runs (the lock
+of a dead study on this host is taken over; scaling.force_unlock=true breaks one left by a study on another host).
 
 Writes into scaling.out_dir: results.csv, scaling.png (log x axis, mean and min-max over seeds), scaling.md,
 tb/ (tensorboard --logdir OUT/tb: hparams of every cell; custom scalars of NDCG@10 and HR@10 against source
@@ -63,14 +65,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             for cell in study.cells:
                 print(f"{'todo' if cell in pending else 'done'}  {cell.name}")
             return 0
-        failed = 0 if args.report else study.run()
-        rows = results.read(study.layout.results)
-        if rows:
-            pooled = study.pooled_gains()
-            results.write_pooled(study.layout.pooled, pooled)
-            for path in report.write_reports(rows, study.layout.root, pooled):
-                print(f"wrote {path}")
-            print(report.markdown(rows, pooled))
+        with study.locked():
+            failed = 0 if args.report else study.run()
+            rows = results.read(study.layout.results)
+            if rows:
+                pooled = study.pooled_gains()
+                results.write_pooled(study.layout.pooled, pooled)
+                for path in report.write_reports(rows, study.layout.root, pooled):
+                    print(f"wrote {path}")
+                print(report.markdown(rows, pooled))
     except ValueError as e:  # bad config or input (InputError is one): the message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -105,8 +105,13 @@ class ScalingConfig(_Section):
     out_dir: str = "runs/scaling"
     """Study folder: results.csv, scaling.png, scaling.md, tb/, and every subset, run and log."""
     retries: int = 1
-    """Further attempts at a run that failed (it resumes from its last checkpoint when it has one); a re-run of
-    the study tries failed cells again."""
+    """Further attempts at a run that failed (it resumes from its last checkpoint when it has one); a run that
+    exits 2 (a config or input error: trying again cannot help) is not tried again. A re-run of the study tries
+    failed cells again."""
+    force_unlock: bool = False
+    """Take out_dir's lock even though another study holds it. A study holds out_dir/.lock while it runs, so a
+    second study into the same folder is refused; the lock of a dead study on this host is taken over by itself,
+    but one left by a study on another host cannot be checked from here: set this once you know it is dead."""
 
     def _validate(self) -> None:
         for name, low_ok in (("source_fractions", True), ("target_fractions", False)):

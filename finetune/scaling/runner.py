@@ -4,11 +4,14 @@ Every run is a separate ``python -m pretrain`` / ``python -m finetune`` process 
 ``scaling.launcher``: the deepspeed launcher, torchrun): a run that crashes, or leaves DeepSpeed's process group
 in a bad state, takes no other cell with it. A cell is finished when its row is in results.csv; a pretraining
 when its ``DONE.json`` is written. A run that fails is tried again (``scaling.retries``), from its last checkpoint
-when it has one; a re-run of the study skips what finished and tries the rest.
+when it has one; a run that exits 2 (a config or input error) is not tried again. A re-run of the study skips what
+finished and tries the rest. A study holds ``scaling.out_dir/.lock`` while it runs (:mod:`pretrain.lock`), so two
+studies never write into one folder; each run holds its own run folder's lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -22,7 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pretrain import paired
+from pretrain import lock, paired
 from shards.progress import bar
 
 from . import results
@@ -35,6 +38,9 @@ RunModule = Callable[[str, Sequence[str], Path], int]
 """Runs ``module`` with ``args``, its output appended to the log file; returns the exit code."""
 DONE = "DONE.json"
 STUDY = "study.json"
+USER_ERROR = 2
+"""The exit code of momrec's commands for a bad config or input (``error: ...``): the same run fails the same way,
+so it is not tried again."""
 
 
 def device_name() -> str:
@@ -68,7 +74,8 @@ class Study:
                                   "PYTHONUNBUFFERED": "1"}, check=False).returncode  # fmt: skip
 
     def _attempts(self, name: str, module: str, args: list[str], out_dir: Path) -> bool:
-        """Run until it succeeds, at most 1 + retries times; resume when a checkpoint was written."""
+        """Run until it succeeds, at most 1 + retries times (once when it exits :data:`USER_ERROR`); resume when a
+        checkpoint was written."""
         log_file = self.layout.log(name)
         log_file.parent.mkdir(parents=True, exist_ok=True)
         for attempt in range(1 + self.cfg.retries):
@@ -78,9 +85,12 @@ class Study:
             rc = self.run_module(module, [*args, *(["--resume"] if resume else [])], log_file)
             if rc == 0:
                 return True
-            tail = _tail(log_file)
+            if rc == USER_ERROR:
+                log.error("%s: failed with a config or input error (exit %d), not tried again; log %s:\n%s", name, rc,
+                          log_file, _tail(log_file))  # fmt: skip
+                return False
             log.warning("%s: attempt %d of %d failed (exit %d); log %s:\n%s", name, attempt + 1, 1 + self.cfg.retries,
-                        rc, log_file, tail)  # fmt: skip
+                        rc, log_file, _tail(log_file))  # fmt: skip
         return False
 
     # ---- pretraining ----------------------------------------------------------------------------------
@@ -240,7 +250,16 @@ class Study:
         finished = {results.key(r) for r in results.read(self.layout.results)}
         return [cell for cell in self.cells if cell.key not in finished]
 
+    def locked(self) -> contextlib.AbstractContextManager[Path]:
+        """The study folder's lock (:func:`pretrain.lock.locked`), held while a study writes into it."""
+        return lock.locked(self.layout.root, force=self.cfg.force_unlock, what="scaling.out_dir")
+
     def run(self) -> int:
+        """Run the cells that have not finished (holding the study folder's lock); the number that failed."""
+        with self.locked():
+            return self._run()
+
+    def _run(self) -> int:
         self._check_settings()
         todo = self.pending()
         n = len(self.cells)

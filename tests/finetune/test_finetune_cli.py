@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
 
+from finetune import run as finetune_run
 from finetune.__main__ import main
 from finetune.export import WEIGHTS, load_finetuned
 from pretrain import validate
 from pretrain.paired import load_ranks
+from tests.testutil import hold_lock, other_process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -175,6 +178,30 @@ def test_a_lora_target_typo_stops_the_run_with_exit_2(pretrained, domains, tmp_p
     args = argv(pretrained, domains, tmp_path / "run", "lora", "finetune.lora_user_targets=q_proj,qv_proj")
     assert main(args) == 2
     assert "finetune.lora_user_targets: 'qv_proj' matches no" in capsys.readouterr().err
+
+
+def test_a_finetuning_holds_its_folder_until_its_summary_is_written(
+    pretrained, domains, tmp_path: Path, capsys, monkeypatch, lone_process
+) -> None:
+    out = tmp_path / "run"
+    args = argv(pretrained, domains, out, "adapter", "optim.max_steps=1", "run.eval_every=0", "run.eval_at_start=false")
+    with other_process() as proc:  # another finetuning, alive, writes into the folder
+        hold_lock(out, proc.pid)
+        assert main(args) == 2
+    assert f"error: run.out_dir {out} is held by another process (host " in capsys.readouterr().err
+    hold_lock(out, 1, host="node-that-died")  # another host's: honoured, unless forced
+    assert main(args) == 2 and "host node-that-died, pid 1" in capsys.readouterr().err
+
+    holders = []
+    write_summary = finetune_run._write_summary
+
+    def watched(cfg, summary) -> None:
+        holders.append(json.loads((out / ".lock").read_text())["pid"])
+        write_summary(cfg, summary)
+
+    monkeypatch.setattr(finetune_run, "_write_summary", watched)
+    assert main([*args, "--force-unlock"]) == 0
+    assert holders == [os.getpid()] and not (out / ".lock").exists()
 
 
 def test_an_unknown_mode_is_an_argparse_error(capsys) -> None:

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+import logging
+import os
+import socket
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from PIL import Image
@@ -17,10 +21,13 @@ from finetune.scaling import ScalingConfig, Study, grid, load_study
 from finetune.scaling import __main__ as cli
 from finetune.scaling.grid import Cell, Layout
 from finetune.scaling.results import COLUMNS, read
+from pretrain.config import to_dict
 from shards.schema import load_manifest
+from tests.testutil import hold_lock, other_process
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "launch/configs/tiny.toml"
+FAULTS = REPO / "tests/reliability/faults"
 SMALL = ["data.stream.num_workers=0", "data.stream.batch_size=6", "engine.process_group_timeout_s=60"]
 
 
@@ -124,6 +131,44 @@ def test_cli_errors_and_help(tmp_path: Path, capsys) -> None:
     assert "scaling.target" in capsys.readouterr().err
 
 
+def test_a_second_study_into_a_held_folder_is_refused(domains, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "study"
+    settings = [f"scaling.{k}={json.dumps(v)}" for k, v in to_dict(study_config(domains, out)).items() if v != []]
+    with other_process() as proc:
+        hold_lock(out, proc.pid)
+        assert cli.main(settings) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: scaling.out_dir {out} is held by another process (host {socket.gethostname()}, "
+                          f"pid {proc.pid}, since 2025-01-02 03:04:05 +0000") and err.count("\n") == 1  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written: no study.json, no subsets
+    hold_lock(out, 1, host="node-that-died")  # another host's study: honoured unless forced
+    assert cli.main([*settings, "--dry-run"]) == 0 and cli.main(settings) == 2
+    assert "host node-that-died" in capsys.readouterr().err
+
+
+def test_a_run_that_exits_2_is_not_retried_but_a_crashed_one_is(domains, tmp_path: Path, caplog) -> None:
+    study = Study(study_config(domains, tmp_path, retries=2), progress=False)
+    calls = []
+
+    def run_module(code: int) -> Callable[[str, Sequence[str], Path], int]:
+        def run(module: str, args: Sequence[str], log_file: Path) -> int:
+            calls.append(code)
+            with log_file.open("a") as f:
+                f.write(f"error: attempt {len(calls)}\n")
+            return code
+
+        return run
+
+    for code, attempts in ((2, 1), (1, 3), (-9, 3)):
+        calls.clear()
+        study.run_module = run_module(code)
+        with caplog.at_level(logging.WARNING, logger="finetune.scaling.runner"):
+            assert not study._attempts(f"cell{code}", "finetune", [], tmp_path / f"run{code}")
+        assert calls == [code] * attempts
+    assert caplog.text.count("not tried again") == 1 and "cell2: failed with a config or input error" in caplog.text
+    assert caplog.text.count("cell1: attempt") == 3 and caplog.text.count("cell-9: attempt") == 3
+
+
 def test_target_subsets_are_nested_per_seed(domains, tmp_path: Path) -> None:
     layout = Layout(study_config(domains, tmp_path))
     users = {(f, s): load_manifest(layout.target(f, s)).n_users for f in (0.25, 0.5) for s in (0, 1)}
@@ -189,11 +234,12 @@ def test_the_gain_pooled_over_seeds_averages_each_users_difference(domains, tmp_
 
 
 class Runs:
-    """The study's real subprocess runner, recording calls; breaks chosen runs with an invalid override (a real
-    failure: the process exits 2)."""
+    """The study's real subprocess runner, recording calls. Runs named in ``break_first`` get an invalid override
+    the first time (a config error: the process exits 2); runs named in ``crash_first`` are SIGKILLed the first
+    time, right after their second step, with a checkpoint of their first (tests/reliability/faults injects it)."""
 
-    def __init__(self, study: Study, break_first: Sequence[str] = ()) -> None:
-        self.study, self.break_first, self.calls = study, set(break_first), []
+    def __init__(self, study: Study, break_first: Sequence[str] = (), crash_first: Sequence[str] = ()) -> None:
+        self.study, self.break_first, self.crash_first, self.calls = study, set(break_first), set(crash_first), []
         study.run_module = self
 
     def __call__(self, module: str, args: Sequence[str], log_file: Path) -> int:
@@ -201,23 +247,52 @@ class Runs:
         if log_file.stem in self.break_first:
             self.break_first.discard(log_file.stem)
             args = [*args, "optim.max_steps=0"]
+        if log_file.stem in self.crash_first:
+            self.crash_first.discard(log_file.stem)
+            with mock.patch.dict(os.environ, _killed_after_step(2)):
+                return self.study._subprocess(module, [*args, "run.save_every=1"], log_file)
         return self.study._subprocess(module, args, log_file)
 
 
-def test_a_sweep_runs_skips_finished_cells_and_retries_failed_ones(domains, tmp_path: Path, lone_process) -> None:
+def _killed_after_step(step: int) -> dict[str, str]:
+    """The environment of a one-rank run that SIGKILLs itself after optimizer step ``step`` (the fault injection
+    reads RANK when the interpreter starts, so the launcher's variables are set as a launcher would)."""
+    from pretrain.engine import _free_port
+
+    path = os.pathsep.join(filter(None, [str(FAULTS), os.environ.get("PYTHONPATH")]))
+    return {"PYTHONPATH": path, "MOMREC_FAULT": f"kill:train:{step}:0", "RANK": "0", "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}  # fmt: skip
+
+
+def test_a_sweep_runs_skips_finished_cells_and_retries_failed_ones(
+    domains, tmp_path: Path, lone_process, caplog
+) -> None:
     out = tmp_path / "study"
-    # 1: the ID cell fails (no retries): the content cells finish, the study reports one failure
-    runs = Runs(Study(study_config(domains, out), progress=False), break_first=["id-tgt0.5-seed0"])
-    assert runs.study.run() == 1
+    # 1: the ID cell fails with a config error (exit 2): not retried, though retries=1; the content cells finish,
+    # the study reports one failure
+    runs = Runs(Study(study_config(domains, out, retries=1), progress=False), break_first=["id-tgt0.5-seed0"])
+    with caplog.at_level(logging.WARNING, logger="finetune.scaling.runner"):
+        assert runs.study.run() == 1
     assert runs.calls == [("finetune", "src0-tgt0.5-seed0"), ("pretrain", "source-1"),
                           ("finetune", "src1-tgt0.5-seed0"), ("finetune", "id-tgt0.5-seed0")]  # fmt: skip
     assert "optim.max_steps must be >= 1" in (out / "logs" / "id-tgt0.5-seed0.log").read_text()
+    assert caplog.text.count("id-tgt0.5-seed0: failed with a config or input error (exit 2), not tried again") == 1
+    assert caplog.text.count("optim.max_steps must be >= 1") == 1  # the log's tail, once
     assert [r["cell"] for r in read(out / "results.csv")] == ["src0-tgt0.5-seed0", "src1-tgt0.5-seed0"]
 
-    # 2: a re-run retries only the failed cell; its first attempt fails again, the retry (retries=1) succeeds
-    runs = Runs(Study(study_config(domains, out, retries=1), progress=False), break_first=["id-tgt0.5-seed0"])
-    assert runs.study.run() == 0
+    # 2: a re-run retries only the failed cell; its first attempt is killed after a checkpoint, the retry
+    # (retries=1) resumes from it, taking over the lock the killed run left, and succeeds
+    runs = Runs(Study(study_config(domains, out, retries=1), progress=False), crash_first=["id-tgt0.5-seed0"])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="finetune.scaling.runner"):
+        assert runs.study.run() == 0
     assert runs.calls == [("finetune", "id-tgt0.5-seed0")] * 2
+    assert "id-tgt0.5-seed0: attempt 1 of 2 failed (exit -9)" in caplog.text
+    retry = (out / "logs" / "id-tgt0.5-seed0.log").read_text().rsplit("\n$ ", 1)[1]
+    assert retry.split("\n", 1)[0].endswith("--resume")
+    assert "taking over the lock of a run that is no longer running" in retry and "resumed from step 1" in retry
+    assert "resuming with changed settings: run.save_every 1 -> " in retry
+    assert not (out / ".lock").exists() and not (out / "runs" / "id-tgt0.5-seed0" / ".lock").exists()
 
     # 3: everything finished: nothing runs
     runs = Runs(Study(study_config(domains, out), progress=False))

@@ -7,9 +7,11 @@ Multi-process ZeRO-2/3 and the two-node launch are in tests/dist/test_pretrain_d
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +22,9 @@ import torch
 from pretrain import checkpoint
 from pretrain.__main__ import main
 from pretrain.config import TrainConfig, load_config
-from pretrain.engine import lr_factor, param_groups, train
+from pretrain.engine import lr_factor, new_recommender, param_groups, train
 from pretrain.model import Catalog, Recommender
-from tests.testutil import REPO, TINY, tiny_overrides
+from tests.testutil import REPO, TINY, hold_lock, other_process, tiny_overrides
 
 
 @pytest.fixture(autouse=True)
@@ -121,6 +123,62 @@ def test_a_second_run_into_the_same_folder_is_refused(folders, tmp_path: Path, c
     argv = ["--config", str(TINY), *tiny_overrides(folders, out)]
     assert main(argv) == 2
     assert "already holds checkpoints: pass --resume" in capsys.readouterr().err
+
+
+def test_a_run_locks_its_folder_refuses_a_second_and_takes_over_a_dead_ones_lock(
+    folders, tmp_path: Path, capsys, caplog
+) -> None:
+    out = tmp_path / "run"
+    short = ["optim.max_steps=1", "optim.warmup_steps=0", "run.eval_every=0", "run.eval_at_start=false"]
+    with other_process() as proc:  # another run, alive, holds the folder
+        hold_lock(out, proc.pid)
+        assert main(["--config", str(TINY), *tiny_overrides(folders, out, *short)]) == 2
+        pid = proc.pid
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: run.out_dir {out} is held by another process (host {socket.gethostname()}, pid "
+                          f"{pid}, since 2025-01-02 03:04:05 +0000") and err.count("\n") == 1  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written
+
+    held = []
+
+    def broken(cfg: TrainConfig, catalog: Catalog) -> Recommender:
+        held.append(json.loads((out / ".lock").read_text())["pid"])
+        raise ValueError("broken model")
+
+    # that run has died: its lock is taken over; a run that fails gives the lock back
+    with caplog.at_level(logging.WARNING, logger="pretrain.lock"), pytest.raises(ValueError, match="broken model"):
+        train(config(folders, out, *short), model_factory=broken)
+    assert f"taking over the lock of a run that is no longer running (host {socket.gethostname()}, pid {pid}" in (
+        caplog.text
+    )
+    assert held == [os.getpid()] and not (out / ".lock").exists()
+
+    def watched(cfg: TrainConfig, catalog: Catalog) -> Recommender:
+        held.append(json.loads((out / ".lock").read_text())["pid"])
+        return new_recommender(cfg, catalog)
+
+    train(config(folders, out, *short), model_factory=watched)  # a run that succeeds gives it back too
+    assert held == [os.getpid()] * 2 and not (out / ".lock").exists()
+
+
+def test_resume_refuses_a_changed_meaning_and_allows_a_longer_run(folders, tmp_path: Path, capsys, caplog) -> None:
+    out = tmp_path / "run"
+    base = ["--config", str(TINY), *tiny_overrides(folders, out, "optim.max_steps=2", "optim.warmup_steps=1")]
+    base += ["run.eval_every=0", "run.eval_at_start=false", "run.save_every=2"]
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main([*base, "model.user.dropout=0.3", "loss.temperature=0.1", "run.eval_users=8", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --resume: {out}/checkpoints/step00000002 was saved with another config") and (
+        err.count("\n") == 1
+    )
+    assert "loss.temperature 0.07 -> 0.1; model.user.dropout 0.1 -> 0.3; restore them" in err  # not run.eval_users
+
+    with caplog.at_level(logging.INFO, logger="pretrain.engine"):
+        assert main([*base, "optim.max_steps=3", "run.log_every=1", "run.eval_users=8", "--resume"]) == 0
+    assert ("resuming with changed settings: optim.max_steps 2 -> 3; run.eval_users 64 -> 8; run.log_every 5 -> 1"
+            in caplog.text)  # fmt: skip
+    assert sorted(losses(out)) == [2, 3]
 
 
 def test_bad_command_lines_are_errors_not_tracebacks(folders, tmp_path: Path, capsys) -> None:
