@@ -381,7 +381,6 @@ def _check_resume(cfg: TrainConfig, dist: Dist) -> bool:
 def _train(cfg: TrainConfig, dist: Dist, model_factory: ModelFactory, exporter: Exporter) -> dict[str, float]:
     checkpoint.check_out_dir(cfg)
     resumed = _check_resume(cfg, dist)
-    lost = None
     try:
         run = build(cfg, dist, model_factory, exporter)
         if resumed:
@@ -399,17 +398,17 @@ def _train(cfg: TrainConfig, dist: Dist, model_factory: ModelFactory, exporter: 
         finally:
             if run.writer is not None:
                 run.writer.close()
-        return {**last, **summary(run)}
+        result = {**last, **summary(run)}
+        # on success only: a rank that failed leaves at once (no barrier that would wait out the process-group
+        # timeout while its peers wait in their next collective), and the peers' collectives fail when it is gone
+        torch.distributed.barrier()
+        return result
     except RuntimeError as e:
         if isinstance(e, torch.distributed.DistError) or any(b in str(e) for b in ("gloo", "NCCL", "Gloo")):
-            lost = CollectiveError(f"rank {dist.rank}: a collective failed: another rank died or stopped responding "
-                                   f"(engine.process_group_timeout_s={cfg.engine.process_group_timeout_s:g}); see "
-                                   f"the logs of the other ranks. {str(e).strip().splitlines()[0]}")  # fmt: skip
-            raise lost from e
+            raise CollectiveError(f"rank {dist.rank}: a collective failed: another rank died or stopped responding "
+                                  f"(engine.process_group_timeout_s={cfg.engine.process_group_timeout_s:g}); see "
+                                  f"the logs of the other ranks. {str(e).strip().splitlines()[0]}") from e  # fmt: skip
         raise
-    finally:
-        if lost is None:  # after a lost rank, a barrier would only wait out the timeout again
-            torch.distributed.barrier()
 
 
 class CollectiveError(RuntimeError):

@@ -146,3 +146,25 @@ def test_a_dead_or_stuck_rank_makes_the_other_exit_within_the_timeout(
             node.stop()
     assert "error: rank 0: a collective failed: another rank died or stopped responding" in output, output[-3000:]
     assert "[rank0]: Traceback" not in output, output[-3000:]  # (torchrun's agent then prints its own report)
+
+
+@pytest.mark.timeout(300)
+def test_an_error_on_one_rank_ends_the_job_at_once_not_after_the_timeout(
+    folders: list[str], tmp_path: Path, faults
+) -> None:
+    """Rank 1 raises after step 2 (an error only it meets): it must leave at once with its own error, not wait in a
+    barrier for the process-group timeout (120 s here) while rank 0 waits in its next all-reduce."""
+    faults("raise:train:2:1")
+    args = pretrain_args(folders, tmp_path / "run", "optim.max_steps=50", "run.save_every=0", "data.valid_domains=[]")
+    args.append("engine.process_group_timeout_s=120")
+    nodes = dist_tests.two_nodes(args, tmp_path)
+    try:
+        failed = fails(nodes[1], dist_tests.LAUNCH_TIMEOUT_S)
+        started = time.monotonic()
+        output = fails(nodes[0], 60)
+        assert time.monotonic() - started < 60
+    finally:
+        for node in nodes:
+            node.stop()
+    assert "injected fault on rank 1" in failed and "timed out" not in failed.lower(), failed[-3000:]
+    assert "error: rank 0: a collective failed: another rank died or stopped responding" in output, output[-3000:]

@@ -2,7 +2,8 @@
 its PYTHONPATH (the tests put it there for the launchers they start; it is never on the path otherwise).
 
 ``MOMREC_FAULT="<what>:<where>:<step>:<rank>"`` makes rank ``<rank>`` (its ``RANK``) do ``<what>`` to itself:
-``kill`` (SIGKILL) or ``hang`` (SIGSTOP, after writing its pid to ``$MOMREC_FAULT_PIDFILE``), ``<where>``:
+``kill`` (SIGKILL), ``hang`` (SIGSTOP, after writing its pid to ``$MOMREC_FAULT_PIDFILE``) or ``raise`` (a
+RuntimeError of this rank alone, like a bug or bad input only it meets), ``<where>``:
 
 * ``train``: right after optimizer step ``<step>``, before its logging and checkpoint;
 * ``checkpoint``: in the middle of saving the step-``<step>`` checkpoint: every rank's DeepSpeed files and rank
@@ -17,6 +18,8 @@ from typing import Any
 
 
 def _act(what: str) -> None:
+    if what == "raise":
+        raise RuntimeError(f"injected fault on rank {os.environ.get('RANK')}")
     if what == "hang":
         with open(os.environ["MOMREC_FAULT_PIDFILE"], "w") as f:
             f.write(str(os.getpid()))
