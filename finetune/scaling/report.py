@@ -300,8 +300,10 @@ def markdown(rows: list[dict[str, str]], pooled: Sequence[Mapping[str, Any]] = (
     return "\n".join(lines)
 
 
-BUCKET_TEXT = {"cold": "items no training sequence of the target holds", "tail": "items outside the most popular "
-               "20 % with at least one training interaction"}  # fmt: skip
+BUCKET_TEXT = {"cold": "items without a training interaction in the whole target domain", "tail": "items outside "
+               "the target domain's most popular 20 % with at least one training interaction"}  # fmt: skip
+"""The buckets follow the training popularity of the whole target domain (every cell is tested on it, whatever
+share of its users trained), so they hold the same test users in every cell."""
 
 
 def _bucket_users(rows: list[dict[str, str]], bucket: str) -> dict[float, str]:

@@ -16,9 +16,10 @@ METRICS = ("ndcg@10", "hr@10", "mrr@10", "ndcg@20", "hr@20", "ndcg@50", "hr@50")
 the start of finetuning (``start_ndcg@10``, ``start_hr@10``: the pretrained model zero-shot, or the untrained
 control)."""
 BUCKETS = ("cold", "tail")
-"""Test targets by the target's training popularity (pretrain.metrics.item_buckets): ``cold`` items no training
-sequence holds, ``tail`` the rest outside the most popular 20 %, where content should beat IDs:
-``<metric>_<bucket>`` for the BUCKET_METRICS and ``users_<bucket>``, the test users whose target is one."""
+"""Test targets by the training popularity of the whole target domain, which every cell is tested on
+(pretrain.metrics.item_buckets): ``cold`` items without a training interaction, ``tail`` the rest outside the most
+popular 20 %, where content should beat IDs: ``<metric>_<bucket>`` for the BUCKET_METRICS and ``users_<bucket>``,
+the test users whose target is one."""
 BUCKET_METRICS = ("ndcg@10", "hr@10")
 GAIN_METRICS = ("ndcg@10", "hr@10")
 """A pretrained cell's paired gain over its control cell: ``gain_<metric>`` (mean per-user difference on the
