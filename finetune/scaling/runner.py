@@ -147,18 +147,36 @@ class Study:
         common = [f"run.out_dir={self.layout.cell_dir(cell)}", f"data.valid_domains={json.dumps([c.target])}",
                   f"engine.seed={cell.seed}", f"data.stream.seed={cell.seed}"]  # fmt: skip
         if cell.kind == "id":
+            fit = self._fit_batch(cell, target, c.baseline_config, c.baseline_overrides)
             return ["--from", "none", "--data", target, "--mode", "full", *_configs(c.baseline_config),
-                    *c.baseline_overrides, *common]  # fmt: skip
+                    *c.baseline_overrides, *fit, *common]  # fmt: skip
         # both arms get the same config layers (the pretraining's files and model.* overrides: architecture, optim
         # and stream alike), so a pretrained cell and its control differ only in --from and the mode
         architecture = [o for o in c.pretrain_overrides if o.startswith("model.")]
-        layers = [*_configs(c.pretrain_config), *_configs(c.finetune_config), *architecture, *c.finetune_overrides]
+        files = [*c.pretrain_config, *c.finetune_config]
+        overrides = [*architecture, *c.finetune_overrides]
+        layers = [*_configs(files), *overrides, *self._fit_batch(cell, target, files, overrides)]
         if not cell.source_fraction:
             return ["--from", "none", "--data", target, "--mode", c.control, *layers, *common]
         model = self.pretrained(cell.source_fraction, cell.seed)
         if model is None:
             return None
         return ["--from", str(model), "--data", target, "--mode", c.mode, *layers, *common]
+
+    def _fit_batch(self, cell: Cell, target: str, files: Sequence[str], overrides: Sequence[str]) -> list[str]:
+        """A data.stream.batch_size override when the target subset holds fewer users than one global batch of the
+        cell's config (the stream refuses that: e.g. SASRec's 128 on 1 % of a domain): the largest batch it fills,
+        logged; none otherwise."""
+        from pretrain.config import load_config
+
+        batch = load_config(files, overrides).data.stream.batch_size
+        users = sizes([target])[0]
+        if users >= batch * self.cfg.ranks:
+            return []
+        fitted = max(1, users // self.cfg.ranks)
+        log.warning("%s: %d target users are fewer than one batch of %d x %d ranks: data.stream.batch_size=%d",
+                    cell.name, users, batch, self.cfg.ranks, fitted)  # fmt: skip
+        return [f"data.stream.batch_size={fitted}"]
 
     def run_cell(self, cell: Cell) -> dict[str, Any] | None:
         """Finetune and test ``cell``; its results.csv row, or None when it failed."""

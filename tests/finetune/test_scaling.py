@@ -190,6 +190,17 @@ def test_pretraining_per_seed_gets_its_own_sources_and_run(domains, tmp_path: Pa
     assert own.sources(1.0, 1) == domains["source"]  # the whole domains are not copied
 
 
+def test_a_target_smaller_than_one_batch_gets_the_batch_it_fills(domains, tmp_path: Path) -> None:
+    study = Study(study_config(domains, tmp_path), progress=False)
+    target = study.layout.target(0.5, 0)  # 15 users
+    cell = Cell("id", None, 0.5, 0)
+    sasrec = [str(REPO / "launch/configs/sasrec_id.toml")]  # batches of 128
+    assert study._fit_batch(cell, target, sasrec, []) == ["data.stream.batch_size=15"]
+    assert study._fit_batch(cell, target, sasrec, ["data.stream.batch_size=6"]) == []
+    args = study._cell_args(cell, target)
+    assert args is not None and "data.stream.batch_size=15" not in args  # the study's baseline batch (6) fits
+
+
 def _contents(folder: str) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in Path(folder).glob("seqs-*")}
 
