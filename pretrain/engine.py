@@ -243,7 +243,9 @@ class Best:
 
 
 class Meter:
-    """Sums of the model's logs over the micro-batches since the last log, on this rank."""
+    """Sums of the model's logs over the micro-batches since the last log, on this rank, and the training time they
+    took: the wall time since the last log less what validations and checkpoints took (:meth:`exclude`), so the
+    throughput after a validation is the training's."""
 
     def __init__(self) -> None:
         self.restart()
@@ -252,10 +254,19 @@ class Meter:
         self.sums: Counter = Counter()
         self.micro_batches = 0
         self.start = time.perf_counter()
+        self.excluded = 0.0
 
     def add(self, logs: dict[str, float]) -> None:
         self.sums.update(logs)
         self.micro_batches += 1
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` of other work (a validation, a checkpoint) out of the training time."""
+        self.excluded += seconds
+
+    def elapsed(self) -> float:
+        """Training seconds since the last log (never 0)."""
+        return max(time.perf_counter() - self.start - self.excluded, 1e-9)
 
 
 @dataclass
@@ -545,10 +556,12 @@ def _after_step(run: Run, bar: tqdm) -> dict[str, float] | None:
             bar.set_postfix(loss=f"{logged['loss/total']:.4f}", refresh=False)
             if bar.disable:
                 log.info("step %d/%d: %s", step, cfg.optim.max_steps, _brief(logged))
+    start = time.perf_counter()
     if _due(step, cfg.run.eval_every, cfg.optim.max_steps) and _validates(cfg):
         logged = {**(logged or {}), **_validate(run)}
     if _due(step, cfg.run.save_every, cfg.optim.max_steps) or run.stopped:
         checkpoint.save(run.engine, cfg, run.stream, step, run.out_dir)
+    run.meter.exclude(time.perf_counter() - start)  # not training: left out of the next log's throughput
     return logged
 
 
@@ -614,7 +627,7 @@ def _log_train(run: Run) -> dict[str, float]:
     if run.dist.device.type == "cuda":
         memory.append(torch.cuda.max_memory_allocated(run.dist.device) / 1e9)
     memory = _reduce(memory, run.dist.device, torch.distributed.ReduceOp.MAX)
-    elapsed = max(time.perf_counter() - meter.start, 1e-9)
+    elapsed = meter.elapsed()
     n = len(loss_keys)
     micro = summed[n + len(COUNT_KEYS)]
     counts = dict(zip(COUNT_KEYS, summed[n : n + len(COUNT_KEYS)]))

@@ -22,7 +22,7 @@ import torch
 from pretrain import checkpoint
 from pretrain.__main__ import main
 from pretrain.config import TrainConfig, load_config
-from pretrain.engine import lr_factor, new_recommender, param_groups, train
+from pretrain.engine import Meter, lr_factor, new_recommender, param_groups, train
 from pretrain.model import Catalog, Recommender
 from tests.testutil import REPO, TINY, hold_lock, other_process, tiny_overrides
 
@@ -191,6 +191,16 @@ def test_bad_command_lines_are_errors_not_tracebacks(folders, tmp_path: Path, ca
     missing = tmp_path / "nowhere"
     assert main(["--config", str(TINY), f"data.domains=[{json.dumps(str(missing))}]", f"run.out_dir={missing}"]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_the_throughput_meter_leaves_validation_and_checkpoint_time_out() -> None:
+    meter = Meter()
+    meter.start -= 10.0  # 10 s since the last log, of which a validation and a checkpoint took 4 and 1.5
+    meter.exclude(4.0)
+    meter.exclude(1.5)
+    assert 4.5 <= meter.elapsed() < 5.0
+    meter.restart()
+    assert meter.excluded == 0.0 and meter.elapsed() < 1.0
 
 
 def test_print_config_and_deepspeed(capsys) -> None:
