@@ -222,6 +222,15 @@ def test_inspect_shows_counts_and_a_sample(tmp_path: Path) -> None:
     assert "users 3  items 5  interactions 12" in text and "first item:" in text and "JPEG 64x43" in text
 
 
+def test_inspect_into_a_closed_pipe_stops_quietly(tmp_path: Path) -> None:
+    build(clean_domain(tmp_path / "dom"), tmp_path / "out", small_opts(), progress=False)
+    proc = subprocess.Popen([sys.executable, "-m", "shards", "inspect", str(tmp_path / "out")], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    proc.stdout.close()  # the reader is gone before the first line (`| head -0`)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 141 and b"Traceback" not in err, err.decode()
+
+
 _CRASHING_BUILD = """
 import os, signal, sys
 from shards import build, schema
