@@ -57,6 +57,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sampled", type=_non_negative, default=0, metavar="N", help="also rank against N sampled "
                    "negatives per user (names sampled<N>/...)")  # fmt: skip
     p.add_argument("--seed", type=_non_negative, default=0, help="seed of the tie order, negatives and users")
+    p.add_argument("--allow-partial", action="store_true", help="report a result over fewer users than the "
+                   "manifest promises (bad samples, a cut shard) with a warning, not an error")  # fmt: skip
     p.add_argument("--out", metavar="FILE.json", help="results file ('{domain}' is replaced by the domain name; "
                    "needed with several domains); default EXPORT/eval-{domain}.json")  # fmt: skip
     p.add_argument("--tb", metavar="DIR", help="also write TensorBoard scalars to DIR/<domain>")
@@ -107,6 +109,8 @@ def result_document(result: DomainResult, model: Path, domain_index: int, in_cat
         "ks": list(KS),
         "buckets": result.buckets,
         "bad_samples": result.bad_samples,
+        "users_expected": result.users_expected,
+        "partial": any(t.users[0] < result.users_expected for t in result.tallies.values()),
         "metrics": result.metrics(),
         "per_user": {split: tally.user_ranks() for split, tally in result.tallies.items()},
     }
@@ -167,7 +171,7 @@ def run(args: argparse.Namespace) -> list[DomainResult]:
         device = torch.device(args.device) if args.device else default_device
         model, cfg, catalog = load_pretrained(folder, device)
         opts = EvalOptions(SPLIT_CHOICES[args.split], args.users, args.batch_size, args.chunk, args.encode_chunk,
-                           args.sampled, args.seed)  # fmt: skip
+                           args.sampled, args.seed, allow_partial=args.allow_partial)  # fmt: skip
         results = []
         for data, manifest in zip(args.data, manifests):
             domain_model, domain = model_for_domain(model, cfg, manifest)

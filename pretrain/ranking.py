@@ -314,8 +314,10 @@ def held_out_users(
         path = Path(folder) / info.name
         if not path.is_file():
             raise InputError(f"{path}: listed in the manifest but missing")
+        read = 0
         # only item indices are held out: the item images are passed over unextracted
         for raw in read_shard(path, TarErrors([str(path)], counts), lambda name: not schema.is_image_member(name)):
+            read += 1
             try:
                 seq = schema.decode_seq(raw, images=False, n_items=manifest.n_items, n_users=manifest.n_users)
             except schema.SampleError as e:
@@ -327,6 +329,10 @@ def held_out_users(
             taken += 1
             if taken == users:
                 return
+        if read < info.samples:  # tar reads a damaged header as the end of the archive: no error, fewer samples
+            counts["missing_samples"] += info.samples - read
+            warn_once(log, ("eval-short", str(path)), "%s: %d of the %d samples the manifest lists were read",
+                      path, read, info.samples)  # fmt: skip
 
 
 def _held_out(seq: schema.Sequence, split: Split, max_seq_len: int) -> HeldOut:
@@ -428,6 +434,9 @@ class EvalOptions:
     """Seeds the tie order, the sampled negatives and the choice of users."""
     head_share: float = 0.2
     """Share of the catalog's items that are the popularity head."""
+    allow_partial: bool = False
+    """Return a result over fewer users than the manifest promises (bad samples, a shard cut short), with a warning
+    and the count, instead of raising :class:`InputError`."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "chunk", "encode_chunk"):
@@ -455,6 +464,8 @@ class DomainResult:
     """Per split, summed over the ranks."""
     buckets: dict[str, dict[str, Any]]
     bad_samples: int = 0
+    users_expected: int = 0
+    """Users the manifest promises (all of them, or EvalOptions.users); a partial result ranked fewer."""
 
     def metrics(self) -> dict[str, float]:
         return {name: v for split, tally in self.tallies.items() for name, v in tally.metrics(split).items()}
@@ -537,8 +548,26 @@ def evaluate_domain(
             ranker.add(tally, split, group)
         tally.all_reduce(device)
         tallies[split] = tally
-    # every rank reads every sample: its count is the domain's
-    return DomainResult(manifest.domain, str(folder), manifest.n_items, tallies, buckets, counts["bad_samples"])
+    # every rank reads every sample: its counts are the domain's
+    expected = manifest.n_users if not opts.users else min(opts.users, manifest.n_users)
+    _check_users(folder, {split: int(t.users[0]) for split, t in tallies.items()}, expected, counts, opts)
+    return DomainResult(manifest.domain, str(folder), manifest.n_items, tallies, buckets, counts["bad_samples"],
+                        expected)  # fmt: skip
+
+
+def _check_users(folder: str | Path, ranked: dict[str, int], expected: int, counts: Counter, opts: EvalOptions) -> None:
+    """An :class:`InputError` (a warning with ``opts.allow_partial``) when a split ranked fewer users than the
+    manifest promises: a metric over the users that happened to be readable is not the domain's."""
+    short = {split: n for split, n in ranked.items() if n < expected}
+    if not short:
+        return
+    found = ", ".join(f"{split} {n}" for split, n in short.items())
+    message = (f"{folder}: ranked {found} of the {expected} users the manifest promises ({counts['bad_samples']} bad "
+               f"samples, {counts['missing_samples']} samples missing from shards cut short, "
+               f"{counts['tar_errors']} unreadable tar parts): run `python -m shards verify {folder}`")  # fmt: skip
+    if not opts.allow_partial:
+        raise InputError(message + "; or accept a partial result (--allow-partial)")
+    log.warning("PARTIAL RESULT: %s", message)
 
 
 def _batched(items: Iterable[HeldOut], size: int) -> Iterator[list[HeldOut]]:

@@ -100,7 +100,9 @@ def quick_validation(
     :func:`evaluation_model`'s."""
     position = {catalog_id(f): d for d, f in enumerate(catalog_folders)}
     folders = valid_folders(cfg)
-    opts = EvalOptions(splits=("valid",), users=cfg.run.eval_users, batch_size=cfg.data.stream.batch_size)
+    # a damaged validation shard must not end the training: a partial validation is logged loudly (PARTIAL RESULT)
+    opts = EvalOptions(splits=("valid",), users=cfg.run.eval_users, batch_size=cfg.data.stream.batch_size,
+                       allow_partial=True)  # fmt: skip
     with evaluation_model(engine, cfg, factory) as model:
         tallies = [
             evaluate_domain(model, f, position[catalog_id(f)], cfg.data.stream, opts).tallies["valid"] for f in folders

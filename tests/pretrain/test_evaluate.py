@@ -9,6 +9,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import socket
 from pathlib import Path
 from types import SimpleNamespace
@@ -344,3 +345,32 @@ def test_bad_input_is_an_error_not_a_traceback(export, folders, tmp_path: Path, 
     assert "{domain}" in error("--model", str(export), "--data", *folders, "--out", str(tmp_path / "x.json"))
     with pytest.raises(SystemExit):
         main(["--model", str(export), "--data", folders[0], "--chunk", "0"])
+
+
+def _blank_second_header(shard: Path) -> None:
+    """Zero the tar header of the shard's second member: tar reads a zero block as the end of the archive, so the
+    rest of the shard is lost without an error (one flipped bit in a header does the same)."""
+    data = bytearray(shard.read_bytes())
+    size = int(data[124:136].rstrip(b"\0 ") or b"0", 8)
+    second = 512 + (size + 511) // 512 * 512
+    data[second : second + 512] = bytes(512)
+    shard.write_bytes(bytes(data))
+
+
+def test_fewer_users_than_the_manifest_promises_is_an_error_or_a_loud_partial_result(
+    export, folders, tmp_path: Path, capsys, caplog
+) -> None:
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folders[0], damaged)
+    manifest = schema.load_manifest(damaged)
+    _blank_second_header(damaged / manifest.seq_shards[0].name)
+    assert main(["--model", str(export), "--data", str(damaged)]) == 2
+    err = capsys.readouterr().err
+    assert f"of the {manifest.n_users} users the manifest promises" in err and "samples missing" in err, err
+    assert "--allow-partial" in err and "Traceback" not in err
+    out = tmp_path / "partial.json"
+    assert main(["--model", str(export), "--data", str(damaged), "--allow-partial", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["partial"] and doc["users_expected"] == manifest.n_users
+    assert 0 < doc["metrics"]["test/users"] < manifest.n_users
+    assert "PARTIAL RESULT" in caplog.text

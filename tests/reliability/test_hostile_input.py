@@ -146,18 +146,25 @@ def exported(folders, tmp_path_factory) -> Path:
     return checkpoint.export(engine, cfg, model.catalog, tmp_path_factory.mktemp("export") / "model")
 
 
-def test_python_m_pretrain_evaluate_goes_on_past_them(folders, exported: Path, tmp_path: Path, capsys) -> None:
+def test_python_m_pretrain_evaluate_counts_them_and_goes_on_past_them_only_when_asked(
+    folders, exported: Path, tmp_path: Path, capsys
+) -> None:
     """The whole command on a built domain whose first seqs shard holds an item index of 10^30 (was: ``error:
-    Overflow when unpacking long long``, naming no file) and JSON nested 100,000 levels (was: a RecursionError)."""
+    Overflow when unpacking long long``, naming no file) and JSON nested 100,000 levels (was: a RecursionError):
+    both are counted; a result over fewer users than the manifest promises is an error, or with --allow-partial a
+    result that says so."""
     data = tmp_path / "movies"
     shutil.copytree(folders[1], data)
     broken = {1: HOSTILE[1], 3: HOSTILE[3]}
     rewrite_shard(data, schema.shard_name("seqs", 0), lambda n, s: broken[n][1](s) if n in broken else s)
-    assert evaluate.main(["--model", str(exported), "--data", str(data), "--out", str(tmp_path / "eval.json")]) == 0
+    out = ["--out", str(tmp_path / "eval.json")]
+    assert evaluate.main(["--model", str(exported), "--data", str(data), *out]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "Overflow" not in err, err[-2000:]
+    assert "users the manifest promises (2 bad samples" in err, err[-2000:]
+    assert evaluate.main(["--model", str(exported), "--data", str(data), "--allow-partial", *out]) == 0
     doc = json.loads((tmp_path / "eval.json").read_text())
-    assert doc["bad_samples"] == 2 and doc["metrics"]
+    assert doc["bad_samples"] == 2 and doc["metrics"] and doc["partial"]
 
 
 def test_a_hostile_catalog_item_at_evaluation_is_an_error_naming_it(
