@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,21 @@ def other_process() -> Iterator[subprocess.Popen]:
     finally:
         proc.kill()
         proc.wait()
+
+
+def fork_two_ranks(target: Callable[..., None], more: Callable[[int], tuple] = lambda rank: (),
+                   timeout_s: float = 120) -> list[int | None]:  # fmt: skip
+    """Fork ranks 0 and 1 of ``target(rank, port, *more(rank))`` (a free local port for their rendezvous; the
+    parent's imports are inherited); their exit codes (None for one killed after ``timeout_s``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fork = multiprocessing.get_context("fork")
+    ranks = [fork.Process(target=target, args=(rank, port, *more(rank))) for rank in (0, 1)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(timeout=timeout_s)
+        if p.exitcode is None:
+            p.kill()
+    return [p.exitcode for p in ranks]

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
 import shutil
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -28,6 +26,7 @@ from pretrain.ranking import EvalOptions, encode_catalog, evaluate_domain, model
 from pretrain.validate import quick_validation
 from shards import schema
 from shards.stream import SequenceStream, StreamConfig
+from tests.testutil import fork_two_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "launch/configs/tiny.toml"
@@ -308,19 +307,8 @@ def test_two_ranks_give_the_single_process_numbers(export, folders, tmp_path: Pa
     args = ["--model", str(export), "--data", folders[1], "--users", "11", "--sampled", "3", "--encode-chunk", "64"]
     args += ["--batch-size", "4", "--timeout-s", "60"]
     assert main([*args, "--out", str(tmp_path / "one.json")]) == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    fork = multiprocessing.get_context("fork")
     argv = [*args, "--out", str(tmp_path / "two.json")]
-    ranks = [fork.Process(target=_rank_main, args=(r, port, argv, tmp_path / f"rank{r}.json")) for r in (0, 1)]
-    for p in ranks:
-        p.start()
-    for p in ranks:
-        p.join(timeout=120)
-        if p.exitcode is None:
-            p.kill()
-    assert [p.exitcode for p in ranks] == [0, 0]
+    assert fork_two_ranks(_rank_main, lambda r: (argv, tmp_path / f"rank{r}.json")) == [0, 0]
     one, two = (json.loads((tmp_path / f"{n}.json").read_text())["metrics"] for n in ("one", "two"))
     assert two == one and one["test/users"] == 11 and "test/sampled3/hr@1" in one
     per_user = [json.loads((tmp_path / f"{n}.json").read_text())["per_user"] for n in ("one", "two")]

@@ -31,7 +31,7 @@ from pretrain.model import Catalog, Recommender
 from pretrain.ranking import encode_catalog
 from shards import schema
 from tests.pretrain.test_encoders import BERT, IMAGE_CONFIGS, keys, pixels, texts
-from tests.testutil import TINY
+from tests.testutil import TINY, fork_two_ranks
 
 D = 12
 SOURCE = Source("items-of-domain-0", {"domain": "books", "n_items": 40})
@@ -376,8 +376,6 @@ def _rank_main(rank: int, port: int, argv: list[str]) -> None:
 def test_two_ranks_write_their_own_segments_and_one_process_reads_them(folders, tmp_path):
     """Two gloo ranks encode alternate catalog chunks, each writing its own segments; one process then ranks with
     every frozen output read back (nothing new written) and gets the two ranks' numbers exactly."""
-    import multiprocessing
-    import socket
     from types import SimpleNamespace
 
     from pretrain import checkpoint
@@ -390,19 +388,8 @@ def test_two_ranks_write_their_own_segments_and_one_process_reads_them(folders, 
     engine = SimpleNamespace(module=model, zero_optimization_stage=lambda: 0)
     export = checkpoint.export(engine, cfg, model.catalog, tmp_path / "model")
     args = ["--model", str(export), "--data", folders[1], "--split", "test", "--encode-chunk", "8", "--timeout-s", "60"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    fork = multiprocessing.get_context("fork")
     argv = [*args, "--out", str(tmp_path / "two.json")]
-    ranks = [fork.Process(target=_rank_main, args=(r, port, argv)) for r in (0, 1)]
-    for p in ranks:
-        p.start()
-    for p in ranks:
-        p.join(timeout=120)
-        if p.exitcode is None:
-            p.kill()
-    assert [p.exitcode for p in ranks] == [0, 0]
+    assert fork_two_ranks(_rank_main, lambda r: (argv,)) == [0, 0]
     written = segments(store)
     assert {p.name.split("-")[1] for p in written} == {"r0", "r1"}
     assert sorted(i.items for i in list_entries(store) if i.summary["tower"] == "text") == [40]

@@ -10,13 +10,12 @@ import os
 import shutil
 import tarfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import webdataset as wds
-from reliability_support import engine_tests, evaluate_tests, shard_fixtures
+from reliability_support import engine_tests, shard_fixtures
 
-from pretrain import checkpoint, evaluate
+from pretrain import evaluate
 from pretrain.__main__ import main
 from shards import schema
 from shards.inspect import read_shard
@@ -140,15 +139,6 @@ def test_a_shard_that_cannot_be_opened_is_an_error_naming_it(broken, tmp_path: P
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"error: {shard}" in err and "Traceback" not in err, err[-2000:]
-
-
-@pytest.fixture(scope="module")
-def exported(folders, tmp_path_factory) -> Path:
-    """An untrained tiny model over ``folders``, exported as ``python -m pretrain.evaluate`` reads it."""
-    cfg = evaluate_tests.tiny_config(folders)
-    model = evaluate_tests.tiny_model(cfg, folders)
-    engine = SimpleNamespace(module=model, zero_optimization_stage=lambda: 0)
-    return checkpoint.export(engine, cfg, model.catalog, tmp_path_factory.mktemp("export") / "model")
 
 
 @pytest.mark.parametrize("cut", ["inside a member", "between members"])

@@ -12,13 +12,12 @@ import shutil
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import webdataset as wds
-from reliability_support import evaluate_tests, shard_fixtures
+from reliability_support import shard_fixtures
 
-from pretrain import checkpoint, evaluate
+from pretrain import evaluate
 from pretrain.ranking import catalog_tables, held_out_users
 from shards import schema
 from shards.__main__ import main as shards_main
@@ -135,15 +134,6 @@ def test_evaluation_skips_and_counts_them(hostile, caplog) -> None:
     messages = [r.getMessage() for r in caplog.records]
     for user, (field, _) in HOSTILE.items():
         _said_once(messages, hostile.folder / schema.shard_name("seqs", 0), user, field)
-
-
-@pytest.fixture(scope="module")
-def exported(folders, tmp_path_factory) -> Path:
-    """An untrained tiny model over ``folders``, exported as ``python -m pretrain.evaluate`` reads it."""
-    cfg = evaluate_tests.tiny_config(folders)
-    model = evaluate_tests.tiny_model(cfg, folders)
-    engine = SimpleNamespace(module=model, zero_optimization_stage=lambda: 0)
-    return checkpoint.export(engine, cfg, model.catalog, tmp_path_factory.mktemp("export") / "model")
 
 
 def test_python_m_pretrain_evaluate_counts_them_and_goes_on_past_them_only_when_asked(
