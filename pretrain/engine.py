@@ -42,6 +42,7 @@ from torch import nn
 from tqdm import tqdm
 
 from shards.collate import Batch
+from shards.inspect import check_sizes
 from shards.stream import STATS, SequenceStream
 
 from . import checkpoint, lock, validate
@@ -330,8 +331,10 @@ def build(
     every rank)."""
     deepspeed = import_deepspeed()
     seed_everything(cfg.engine.seed)
-    stream = SequenceStream(cfg.data.domains, cfg.data.stream)
     folders = validate.catalog_folders(cfg)
+    for folder in folders:  # a damaged catalog stops the run now, not at its first validation (after the training)
+        check_sizes(folder, ("items",))  # (a damaged seqs shard is the stream's: counted, and the run goes on)
+    stream = SequenceStream(cfg.data.domains, cfg.data.stream)
     catalog = Catalog.from_folders(folders)
     model = model_factory(cfg, catalog)
     for domain, folder in enumerate(folders):  # the stream and the validations read each domain's items from here

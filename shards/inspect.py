@@ -13,6 +13,7 @@ from PIL import Image
 
 from . import schema
 from .build import sha256_file
+from .errors import InputError
 
 
 def read_shard(
@@ -95,6 +96,22 @@ def verify(folder: str | Path) -> list[str]:
         if sorted(seen) != list(range(expected)):
             problems.append(f"{kind}: sample indices are not exactly 0..{expected - 1} ({len(seen)} samples)")
     return problems
+
+
+def check_sizes(folder: str | Path, kinds: tuple[schema.ShardKind, ...] = ("items", "seqs")) -> None:
+    """An :class:`InputError` when a shard of ``kinds`` that the manifest lists is missing or not the size the
+    manifest gives (a truncated copy, a half-written file): the cheap part of :func:`verify`, run on the catalog
+    before training so that a damaged one is not found only at the first validation, after the training it cost."""
+    folder = Path(folder)
+    m = schema.load_manifest(folder)
+    for info in (info for kind in kinds for info in m.shards(kind)):
+        path = folder / info.name
+        if not path.is_file():
+            raise InputError(f"{path}: listed in the manifest but missing (python -m shards verify {folder})")
+        size = path.stat().st_size
+        if size != info.bytes:
+            raise InputError(f"{path}: {size:,} bytes, the manifest says {info.bytes:,}: truncated or damaged "
+                             f"(python -m shards verify {folder})")  # fmt: skip
 
 
 def _verify_shard(path: Path, info: schema.ShardInfo, kind: str, m: schema.Manifest, seen: list[int]) -> list[str]:

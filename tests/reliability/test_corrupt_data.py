@@ -141,6 +141,21 @@ def test_a_shard_that_cannot_be_opened_is_an_error_naming_it(broken, tmp_path: P
     assert f"error: {shard}" in err and "Traceback" not in err, err[-2000:]
 
 
+def test_a_truncated_items_shard_stops_training_before_its_first_step(folders, tmp_path: Path, capsys) -> None:
+    """Training never reads the catalog's items shards until its first validation: a cut one used to be found only
+    there, after the training it cost. The sizes are checked against the manifest before the first step."""
+    data = tmp_path / "movies"
+    shutil.copytree(folders[1], data)
+    shard = data / schema.shard_name("items", 1)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    argv = ["--config", str(TINY), *tiny_overrides([str(data)], tmp_path / "run"), "optim.max_steps=2",
+            "optim.warmup_steps=1"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: {shard}: " in err and "truncated or damaged" in err and "Traceback" not in err, err[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 @pytest.mark.parametrize("cut", ["inside a member", "between members"])
 def test_a_truncated_items_shard_at_evaluation_is_an_error_naming_it(
     folders, exported: Path, tmp_path: Path, capsys, cut: str
