@@ -251,13 +251,16 @@ def _gain_panel(ax: Any, rows: list[dict[str, str]], pooled: Sequence[Mapping[st
     sources = sorted({int(r["source_interactions"]) for r in rows})
     targets = sorted({float(r["target_fraction"]) for r in rows})
     seeds = sorted({int(r["seed"]) for r in rows})
-    slots = len(targets) * len(seeds)
+    per_target = len(seeds) + bool(pooled)  # a slot per seed, and one for the pooled gain
+    slots = len(targets) * per_target
+
+    def offset(slot: int) -> float:
+        return 0.6 * ((slot + 0.5) / slots - 0.5)
+
     for i, target in enumerate(targets):
         mine = [r for r in rows if float(r["target_fraction"]) == target]
-        slot = [i * len(seeds) + seeds.index(int(r["seed"])) for r in mine]
-        xs = [
-            sources.index(int(r["source_interactions"])) + 0.6 * ((k + 0.5) / slots - 0.5) for r, k in zip(mine, slot)
-        ]
+        slot = [i * per_target + seeds.index(int(r["seed"])) for r in mine]
+        xs = [sources.index(int(r["source_interactions"])) + offset(k) for r, k in zip(mine, slot)]
         ys = [float(r["gain_ndcg@10"]) for r in mine]
         low = [y - float(r["gain_ndcg@10_low"]) for y, r in zip(ys, mine)]
         high = [float(r["gain_ndcg@10_high"]) - y for y, r in zip(ys, mine)]
@@ -267,14 +270,14 @@ def _gain_panel(ax: Any, rows: list[dict[str, str]], pooled: Sequence[Mapping[st
             interactions = int(row["source_interactions"])
             if interactions not in sources:
                 continue
-            x = sources.index(interactions) + 0.6 * ((i + 1) * len(seeds) / slots - 0.5) + 0.04
+            x = sources.index(interactions) + offset(i * per_target + len(seeds))
             y = float(row["gain_ndcg@10"])
             ax.errorbar([x], [y], yerr=[[y - float(row["gain_ndcg@10_low"])], [float(row["gain_ndcg@10_high"]) - y]],
                         fmt="D", color="black", markerfacecolor=f"C{i}", capsize=3)  # fmt: skip
     ax.axhline(0.0, color="gray", linewidth=1)
     ax.set_xticks(range(len(sources)), [f"{x:,}" for x in sources], rotation=30)
     ax.set_xlim(-0.6, len(sources) - 0.4)
-    ax.set_xlabel("source interactions seen by pretraining (one point per seed; diamond: pooled over seeds)")
+    ax.set_xlabel("source interactions (a point per seed; diamond: pooled)")
     ax.set_ylabel("gain over no pretraining, test NDCG@10")
     ax.set_title("paired per-user gain over the control, 95 % bootstrap interval", fontsize=8)
     ax.grid(alpha=0.3)
