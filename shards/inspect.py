@@ -98,27 +98,30 @@ def verify(folder: str | Path) -> list[str]:
     return problems
 
 
+def size_problem(path: Path, info: schema.ShardInfo) -> str | None:
+    """What is wrong with the shard file ``path`` against its manifest entry before any byte is read: ``missing``,
+    or ``N bytes, manifest says M`` (a truncated copy, a half-written file); None when it has the listed size."""
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    return None if size == info.bytes else f"{size} bytes, manifest says {info.bytes}"
+
+
 def check_sizes(folder: str | Path, kinds: tuple[schema.ShardKind, ...] = ("items", "seqs")) -> None:
     """An :class:`InputError` when a shard of ``kinds`` that the manifest lists is missing or not the size the
-    manifest gives (a truncated copy, a half-written file): the cheap part of :func:`verify`, run on the catalog
-    before training so that a damaged one is not found only at the first validation, after the training it cost."""
+    manifest gives (:func:`size_problem`): the cheap part of :func:`verify`, run on the catalog before training so
+    that a damaged one is not found only at the first validation, after the training it cost."""
     folder = Path(folder)
     m = schema.load_manifest(folder)
     for info in (info for kind in kinds for info in m.shards(kind)):
-        path = folder / info.name
-        if not path.is_file():
-            raise InputError(f"{path}: listed in the manifest but missing (python -m shards verify {folder})")
-        size = path.stat().st_size
-        if size != info.bytes:
-            raise InputError(f"{path}: {size:,} bytes, the manifest says {info.bytes:,}: truncated or damaged "
-                             f"(python -m shards verify {folder})")  # fmt: skip
+        if problem := size_problem(folder / info.name, info):
+            what = "" if problem == "missing" else ": truncated or damaged"
+            raise InputError(f"{folder / info.name}: {problem}{what} (python -m shards verify {folder})")
 
 
 def _verify_shard(path: Path, info: schema.ShardInfo, kind: str, m: schema.Manifest, seen: list[int]) -> list[str]:
-    if not path.is_file():
-        return [f"{info.name}: missing"]
-    if path.stat().st_size != info.bytes:
-        return [f"{info.name}: {path.stat().st_size} bytes, manifest says {info.bytes}"]
+    if problem := size_problem(path, info):
+        return [f"{info.name}: {problem}"]
     if sha256_file(path) != info.sha256:
         return [f"{info.name}: checksum differs from the manifest"]
     problems, count = [], 0
