@@ -10,6 +10,10 @@ training step, measured side by side in one run on one machine (so the ratios co
   partitions and optimizer state each ZeRO stage leaves a rank holding (read from DeepSpeed's optimizer), and the
   process RSS.
 
+``--profile`` instead: the share of a training step's time in each phase (data wait, tokenize, image decode, frozen
+forward, trainable forward, backward, optimizer, logging/other), through the real engine loop on one rank
+(:mod:`pretrain.profile`).
+
 Shape legend::
 
     B sequences   L positions   U distinct items of the batch (the table's rows)   D model width
@@ -330,6 +334,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads of the dedup and FLOP/s measurements "
                    "(default 0: torch's default; the ZeRO ranks always use 1 each)")  # fmt: skip
     p.add_argument("--skip-memory", action="store_true", help="leave out the ZeRO memory runs")
+    p.add_argument("--profile", action="store_true", help="instead: the share of a training step's time in each "
+                   "phase, over --steps steps after --warmup, data read in this process")  # fmt: skip
     p.add_argument("--json", metavar="OUT", help="also write the measurements to this JSON file")
     args = p.parse_intermixed_args(argv)
     moved = [d for d in args.domains if _OVERRIDE.match(d) and not Path(d).exists()]
@@ -356,6 +362,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     paths = [str(p) for p in args.config] or [str(DEFAULT_CONFIG)]
     overrides = [f"data.domains={json.dumps([str(Path(d).resolve()) for d in args.domains])}",
                  "engine.process_group_timeout_s=600", *args.overrides]  # fmt: skip
+    if args.profile:
+        from .profile import profile_steps, report_profile
+
+        profiled = profile_steps(paths, overrides, args.steps, args.warmup)
+        print(report_profile(profiled), flush=True)
+        return {"config": paths, "overrides": args.overrides, "domains": args.domains, "profile": profiled}
     cfg = load_config([*paths, str(ZERO_FILES[0])], overrides)  # one rank: ZeRO-0 is the step itself
     result: dict[str, Any] = {"config": paths, "overrides": args.overrides, "domains": args.domains}
     result["dedup"] = bench_dedup(cfg, args.steps, args.warmup, args.share_batches)
@@ -377,10 +389,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+            from .engine import shutdown
+
+            shutdown()  # through DeepSpeed, which drops its handles too (a later run in this process starts anew)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    return 0 if result["dedup"]["faithful"] else 1
+    return 0 if "dedup" not in result or result["dedup"]["faithful"] else 1
 
 
 if __name__ == "__main__":

@@ -164,10 +164,14 @@ class _EncoderConfig(_Section):
     """With trainable='top': how many of the last layers (transformer layers, or ResNet/ConvNeXt stages) train."""
     gradient_checkpointing: bool = False
     """Recompute the encoder's activations in the backward pass instead of storing them (less memory, more time)."""
-    cache_frozen: bool = False
-    """Cache the frozen bottom's output per item (IISAN): with trainable='top' a step runs only the trainable
-    top layers for items seen before; with 'none' the whole backbone runs once per item (MISSRec's frozen
-    features). The cache clears itself when the frozen weights change."""
+    cache_frozen: bool = True
+    """Cache the frozen bottom's output per item (IISAN), where there is one: with trainable='top' a step runs only
+    the trainable top layers for items seen before; with 'none' the whole backbone runs once per item (MISSRec's
+    frozen features); with 'all' nothing is frozen and nothing is cached. The bottom runs in eval mode without
+    autograd with or without the cache, so the cache changes no result (beyond float rounding); it clears itself
+    when the frozen weights change. It costs memory (up to 100k text / 10k image items per process: a text item
+    holds its tokens' states, max_text_len x width floats at most) and disk (model.feature_cache_dir). The image
+    cache cannot follow data.stream.augment's random flips: set it false to augment a partly frozen image tower."""
     projection: Projection = "linear"
     """Head from the encoder's pooled output to model.user.width: 'linear' (MISSRec's per-modality adapter) or
     'mlp' (two layers, TransRec's image MLP). Always trained."""
@@ -181,11 +185,6 @@ class _EncoderConfig(_Section):
         _fraction(self, "dropout")
         p = self.PATH
         _check(self.trainable != "top" or self.top_layers >= 1, f"{p}.top_layers", "must be >= 1 with trainable='top'")
-        _check(
-            not self.cache_frozen or self.trainable != "all",
-            f"{p}.cache_frozen",
-            f"needs a frozen part: {p}.trainable='top' or 'none' (with 'all' nothing stays fixed)",
-        )
         _check(self.init == "random" or self.name_or_path is not None, f"{p}.name_or_path", "is needed to load weights")
 
 
@@ -465,6 +464,11 @@ class OptimConfig(_Section):
     """Clip the global gradient norm to this (0: no clipping); DeepSpeed's gradient_clipping."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step; DeepSpeed's gradient_accumulation_steps."""
+    implementation: Literal["auto", "fused", "foreach", "single"] = "auto"
+    """How torch's AdamW updates the tensors: 'fused' (one kernel per device and dtype; CPU and CUDA), 'foreach'
+    (batched tensor ops), 'single' (a Python loop over the tensors, torch's reference); 'auto': fused where the
+    parameters' device has the kernel, else foreach where it has those, else single. The same update up to float
+    rounding. A resumed run steps as its checkpoint was saved (torch's load_state_dict restores the flags)."""
 
     def _validate(self) -> None:
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr!r}")
@@ -664,10 +668,12 @@ class TrainConfig(_Section):
             "data.stream.item_content",
             "is false, but the model has a text or image encoder to feed: set it true (false is for ID-only models)",
         )
+        image = model.image
         _check(
-            not (model.image.enabled and model.image.cache_frozen and stream.augment),
+            not (image.enabled and image.cache_frozen and image.trainable != "all" and stream.augment),
             "model.image.cache_frozen",
-            "cannot be combined with data.stream.augment (cached features would ignore the flips)",
+            "(default true) cannot be combined with data.stream.augment: the frozen bottom's cached output would be "
+            "that of the first view of an image, flipped or not; set model.image.cache_frozen=false",
         )
         _check(
             not (loss.gather_negatives and model.fusion.kind == "score"),

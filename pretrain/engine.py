@@ -189,6 +189,29 @@ def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
     return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
 
 
+FUSED_DEVICES = ("cpu", "cuda")
+"""Device types with torch's fused AdamW kernel (floating-point tensors; CPU since torch 2.4)."""
+FOREACH_DEVICES = ("cuda",)
+"""Device types with native foreach kernels (elsewhere torch runs foreach ops one tensor at a time)."""
+
+
+def adamw(groups: list[dict[str, Any]], optim: OptimConfig) -> torch.optim.AdamW:
+    """torch's AdamW over ``groups`` (:func:`param_groups`) with optim's rates, betas, eps and implementation.
+    Under ZeRO, DeepSpeed later points the groups at its fp32 partitions (same device type) and steps those."""
+    params = [p for g in groups for p in g["params"]]
+    devices = {p.device.type for p in params}
+    floats = all(p.is_floating_point() for p in params)
+    implementation = optim.implementation
+    if implementation == "auto":
+        fused = floats and devices <= set(FUSED_DEVICES)
+        implementation = "fused" if fused else "foreach" if devices <= set(FOREACH_DEVICES) else "single"
+    elif implementation == "fused" and not (floats and devices <= set(FUSED_DEVICES)):
+        raise ValueError(f"optim.implementation='fused' needs floating-point parameters on {FUSED_DEVICES}, got "
+                         f"{sorted(devices)}: use 'auto'")  # fmt: skip
+    kind = {"fused": True} if implementation == "fused" else {"foreach": implementation == "foreach"}
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, **kind)
+
+
 def lr_factor(step: int, *, warmup: int, max_steps: int, cosine: bool, min_ratio: float) -> float:
     """LambdaLR factor of optimizer step ``step``: linear warm-up to 1, then cosine to min_ratio (or constant)."""
     if step < warmup:
@@ -343,7 +366,7 @@ def build(
         norm_buffers_to_bf16(model)
     seed_everything(cfg.engine.seed + dist.rank)  # dropout and sampled negatives differ across ranks
     o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=o.betas, eps=o.eps)
+    optimizer = adamw(param_groups(model, o), o)
     scheduler = lr_schedule(optimizer, o)
     engine, *_ = deepspeed.initialize(
         model=model,

@@ -10,6 +10,7 @@ Runs in the DataLoader workers. Shape legend::
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import functools
 import importlib.resources
@@ -143,7 +144,7 @@ class Batch(_Tensors):
 
         item_domain     (U,)          long   domain of each distinct item (position of its folder)
         item_index      (U,)          long   catalog index within its domain (ID embeddings, popularity)
-        input_ids       (U, T)        long   item texts, one tokenizer call, padded to the longest
+        input_ids       (U, T)        long   item texts, tokenized once per process (TokenMemo), padded to the longest
         attention_mask  (U, T)        long
         has_text        (U,)          bool   False: the item has no text (its row is an empty string)
         pixel_values    (N, 3, S, S)  uint8  images of the items that have one: resized, cropped, not normalized
@@ -205,6 +206,101 @@ def warn_once(logger: logging.Logger, key: tuple, msg: str, *args: Any) -> None:
         logger.warning(msg, *args)
 
 
+TOKEN_MEMO_BYTES = 256 << 20
+"""What the token memo of one process (:func:`token_memo`) may hold, in bytes (ids at 4 bytes a token, plus about
+200 bytes of bookkeeping an item): with max_text_len 64, 600k catalog items at least. It holds one entry per
+(domain, item index) met, so never more than the catalogs streamed; once full, items not in it are tokenized at
+every batch, as without a memo."""
+
+
+class TokenMemo:
+    """The token ids of the item texts this process has tokenized, for one tokenizer and max_text_len: each item's
+    text goes through the tokenizer once per process (per DataLoader worker), not once per batch that holds it.
+
+    Keyed by ``(domain, item index)``; an entry also keeps the hash of the text it was made from, and a text that
+    differs (another folder at the same domain position, in another stream of the process) is tokenized again and
+    replaces the entry. :meth:`encode` gives what one tokenizer call over the batch's texts with
+    ``padding="longest"`` gives: each text is tokenized alone (truncated to max_text_len, as a batch call does per
+    text) and padded here to the longest of the batch, on the tokenizer's padding side.
+    """
+
+    def __init__(self, text_model: str, max_text_len: int, max_bytes: int = TOKEN_MEMO_BYTES) -> None:
+        self.text_model, self.max_text_len, self.max_bytes = text_model, max_text_len, max_bytes
+        self.entries: dict[tuple[int, int], tuple[int, bytes]] = {}
+        """(domain, item index) -> (hash of the text as tokenized, its token ids as int32 bytes)."""
+        self.bytes = 0
+        self.tokenized = 0
+        """Texts sent to the tokenizer (misses)."""
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = self.tokenized = 0
+
+    def encode(self, table: Sequence[tuple[int, schema.Item]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask), both (U, T) long, of the items' texts (an item without text: "")."""
+        budget = self.max_text_len * TEXT_CHARS_PER_TOKEN  # a 200 MB text would cost gigabytes to tokenize
+        texts = [(it.text or "")[:budget] for _, it in table]
+        keys = [(domain, it.index) for domain, it in table]
+        rows: list[bytes | None] = []
+        for key, text in zip(keys, texts):
+            entry = self.entries.get(key)
+            rows.append(entry[1] if entry is not None and entry[0] == hash(text) else None)
+        miss = [u for u, row in enumerate(rows) if row is None]
+        tokenizer = load_tokenizer(self.text_model)
+        if miss:
+            self.tokenized += len(miss)
+            ids = tokenizer([texts[u] for u in miss], truncation=True, max_length=self.max_text_len,
+                            return_attention_mask=False, return_token_type_ids=False)["input_ids"]  # fmt: skip
+            for u, row_ids in zip(miss, ids):
+                rows[u] = array.array("i", row_ids).tobytes()
+                self._keep(keys[u], hash(texts[u]), rows[u])
+        return _pad(rows, tokenizer)
+
+    def _keep(self, key: tuple[int, int], text_hash: int, row: bytes) -> None:
+        old = self.entries.get(key)
+        cost = len(row) + _ENTRY_OVERHEAD
+        if old is None and self.bytes + cost > self.max_bytes:
+            return
+        self.bytes += cost - (0 if old is None else len(old[1]) + _ENTRY_OVERHEAD)
+        self.entries[key] = (text_hash, row)
+
+
+_ENTRY_OVERHEAD = 200
+"""Bytes an entry of the token memo costs beyond its ids (dict slot, key and value tuples, bytes header; rounded
+up)."""
+_token_memos: dict[tuple[str, int], TokenMemo] = {}
+
+
+def token_memo(text_model: str, max_text_len: int) -> TokenMemo:
+    """This process's :class:`TokenMemo` of the tokenizer ``text_model`` at ``max_text_len``. A module global, so it
+    lasts as long as the process: a DataLoader worker starts with its parent's (fork) and adds what it tokenizes."""
+    key = (text_model, max_text_len)
+    if key not in _token_memos:
+        _token_memos[key] = TokenMemo(text_model, max_text_len)
+    return _token_memos[key]
+
+
+def _pad(rows: Sequence[bytes | None], tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 token-id rows -> (U, T) input_ids and attention_mask (long), padded as the tokenizer pads."""
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"the tokenizer {tokenizer.name_or_path!r} has no padding token")
+    lengths_U = torch.tensor([len(row) // 4 for row in rows], dtype=torch.long)
+    T = int(lengths_U.max()) if len(rows) else 0
+    positions_T = torch.arange(T)
+    if tokenizer.padding_side == "left":
+        real_UT = positions_T >= (T - lengths_U)[:, None]
+    else:
+        real_UT = positions_T < lengths_U[:, None]
+    input_ids_UT = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
+    joined = b"".join(row for row in rows if row is not None)
+    if joined:  # frombuffer refuses an empty buffer
+        input_ids_UT[real_UT] = torch.frombuffer(bytearray(joined), dtype=torch.int32).long()
+    return input_ids_UT, real_UT.long()
+
+
 class Collator:
     """Examples -> :class:`Batch`. Runs in the DataLoader workers.
 
@@ -247,7 +343,7 @@ class Collator:
         return batch
 
     def item_table(self, table: Sequence[tuple[int, schema.Item]], flip_rng: random.Random | None = None) -> ItemTable:
-        """(domain, item) pairs -> their :class:`ItemTable`: texts tokenized in one call, images decoded (an
+        """(domain, item) pairs -> their :class:`ItemTable`: texts tokenized (:class:`TokenMemo`), images decoded (an
         undecodable image is counted in ``counts['bad_images']`` and the item kept without it)."""
         return ItemTable(
             item_domain=torch.tensor([d for d, _ in table], dtype=torch.long),
@@ -260,22 +356,10 @@ class Collator:
         if not self.cfg.item_content:  # ID-only model: no text is read
             empty = torch.zeros((len(table), 0), dtype=torch.long)
             return {"input_ids": empty, "attention_mask": empty, "has_text": torch.zeros(len(table), dtype=torch.bool)}
-        budget = self.cfg.max_text_len * TEXT_CHARS_PER_TOKEN  # a 200 MB text would cost gigabytes to tokenize
-        texts = [(it.text or "")[:budget] for _, it in table]
-        enc = load_tokenizer(self.cfg.text_model)(
-            texts,
-            padding="longest",
-            truncation=True,
-            max_length=self.cfg.max_text_len,
-            return_tensors="pt",
-            return_token_type_ids=False,
-        )
+        memo = token_memo(self.cfg.text_model, self.cfg.max_text_len)
+        input_ids_UT, attention_mask_UT = memo.encode(table)
         has_text_U = torch.tensor([it.text is not None for _, it in table], dtype=torch.bool)
-        return {
-            "input_ids": enc["input_ids"].long(),
-            "attention_mask": enc["attention_mask"].long(),
-            "has_text": has_text_U,
-        }
+        return {"input_ids": input_ids_UT, "attention_mask": attention_mask_UT, "has_text": has_text_U}
 
     def _images(self, table: Sequence[tuple[int, schema.Item]], flip_rng: random.Random | None) -> dict:
         decoded, image_row_U = [], torch.full((len(table),), -1, dtype=torch.long)

@@ -154,7 +154,10 @@ def test_bad_toml_names_the_file(tmp_path: Path) -> None:
         (["model.image.enabled=false", "model.fusion.kind=score"], r"model\.fusion\.kind is 'score', which comb"),
         (["model.text.enabled=false", "model.image.enabled=false"], r"model\.text\.enabled or model\.image\.enabled"),
         (["model.user.heads=3"], r"model\.user\.width \(128\) must be divisible by heads"),
-        (["model.text.trainable=all", "model.text.cache_frozen=true"], r"model\.text\.cache_frozen needs"),
+        (
+            ["model.image.trainable=top", "data.stream.augment=true"],
+            r"model\.image\.cache_frozen \(default true\) cannot be combined with data\.stream\.augment",
+        ),
         (["model.image.init=pretrained"], r"model\.image\.name_or_path is needed"),
         (["model.image.config_overrides.image_size=64"], r"model\.image\.config_overrides\.image_size"),
         (["model.text.config_overrides.max_position_embeddings=8"], r"max_position_embeddings \(8\) must be >="),
@@ -167,6 +170,14 @@ def test_bad_toml_names_the_file(tmp_path: Path) -> None:
 def test_value_and_cross_section_rules_name_the_fields(overrides: list[str], pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):
         load_config(None, overrides)
+
+
+def test_frozen_towers_are_cached_by_default_and_an_unfrozen_one_needs_nothing_turned_off() -> None:
+    cfg = load_config(None, ["model.text.trainable=none"])
+    assert cfg.model.text.cache_frozen and cfg.model.image.cache_frozen
+    load_config(None, ["model.text.trainable=all"])  # nothing frozen: the cache stays unused, not an error
+    load_config(None, ["data.stream.augment=true"])  # the image tower trains whole by default: nothing cached
+    load_config(None, ["model.image.trainable=none", "model.image.cache_frozen=false", "data.stream.augment=true"])
 
 
 def test_sections_validate_when_built_in_python() -> None:

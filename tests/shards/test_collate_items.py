@@ -79,6 +79,9 @@ class _SpyTokenizer:
         self.longest = max(self.longest, *map(len, texts))
         return self.real(texts, **options)
 
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)  # pad_token_id, padding_side: the collator pads the memo's rows itself
+
 
 def test_a_huge_text_is_cut_before_the_tokenizer_sees_it(monkeypatch) -> None:
     """A 2-million-character item text reaches the tokenizer cut to max_text_len x TEXT_CHARS_PER_TOKEN
