@@ -40,6 +40,7 @@ def mode_layer(spec: str) -> tuple[str, list[str]]:
 
 def time_mode(source: str, data: list[str], spec: str, files: list[str], overrides: list[str], steps: int) -> dict:
     """Prepare the model of mode ``spec`` and time ``steps`` training steps on the target's first batch."""
+    from pretrain.engine import adamw, param_groups
     from pretrain.model import Catalog
     from shards.stream import SequenceStream
 
@@ -52,7 +53,7 @@ def time_mode(source: str, data: list[str], spec: str, files: list[str], overrid
     model, prepared = prepare_model(cfg, Catalog.from_folders(cfg.data.domains), None if source == NONE else
                                     Source.open(source))  # fmt: skip
     batch = next(iter(SequenceStream(cfg.data.domains, cfg.data.stream)))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr)
+    optimizer = adamw(param_groups(model, cfg.optim), cfg.optim)  # what training steps with
     model.train()
     seconds = []
     for _ in range(steps):
