@@ -13,8 +13,9 @@ Layout::
 An entry's key is the sha256 of the *bottom key* (the exact bytes of the frozen stages' parameters and buffers, the
 split, the model class and config, the torch and transformers versions, the device type: see
 ``pretrain.encoders.bottom_key``) and the *source key* (:class:`Source`: the domain's items shards by their
-sha256, and the preprocessing: the tokenizer's full definition and max_text_len, or the image size, mean, std and
-PIL version). Whatever changes the bottom's output makes a new entry; nothing is ever rewritten in place.
+sha256, and the preprocessing: the tokenizer's full definition and max_text_len, or the image size, mean, std,
+PIL version and ``shards.transforms.TRANSFORM_VERSION``). Whatever changes the bottom's output makes a new entry;
+nothing is ever rewritten in place.
 
 A segment is written under a temporary name in its entry folder (``O_EXCL``), fsynced and renamed into place
 (``os.replace``). Its safetensors metadata holds the sha256 of the whole file, computed with that field zeroed, so
@@ -120,8 +121,10 @@ def image_source(folder: str | Path, cfg: StreamConfig) -> Source:
     """The image tower's source for ``folder``: its items shards and the image transform."""
     import PIL
 
+    from shards.transforms import TRANSFORM_VERSION
+
     summary = {**_items_summary(folder), "image_size": cfg.image_size, "mean": list(cfg.image_mean),
-               "std": list(cfg.image_std), "pil": PIL.__version__}  # fmt: skip
+               "std": list(cfg.image_std), "pil": PIL.__version__, "transform": TRANSFORM_VERSION}  # fmt: skip
     return Source(digest_of("image", summary), summary)
 
 

@@ -4,15 +4,23 @@ Everything is measured in one run on one machine, so the ratios compare like wit
 
 - build: catalog items per second through ``build`` (reading, templating, JPEG re-encoding, tar writing);
 - stream: sequences and images per second through ``SequenceStream`` (tar reading, shuffle, JSON decoding,
-  tokenization, JPEG decoding, resize + crop, collation, worker IPC), one epoch, worker start-up included;
+  tokenization, JPEG decoding, resize + crop, collation, worker IPC), one epoch, worker start-up included (the
+  tokenizer is loaded before, as a training run loads it once);
 - PIL: the catalog's JPEG bytes, as many as the stream decoded, through ``Image.open(...).convert("RGB")`` alone,
-  and through the stream's decode + resize + crop to uint8, in this process.
+  and through the stream's decode + resize + crop into uint8 batches (as many images a batch as the stream's), in
+  this process with one thread.
+
+The stream runs in several processes (its DataLoader workers and this one), PIL in one, so images per second of
+wall-clock time do not compare them per core. The ratios are per core: images per CPU-second, counting the CPU time
+of every process involved (this one and its reaped workers, from ``os.times()``). CPU time is also what stays
+meaningful when other jobs share the cores; the wall-clock rates are printed beside it.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,6 +31,7 @@ from PIL import Image
 
 from . import schema
 from .build import BuildOptions, build
+from .collate import load_tokenizer
 from .inspect import read_shard
 from .stream import SequenceStream, StreamConfig
 from .synth import synthesize
@@ -47,20 +56,39 @@ class BenchOptions:
     """Image re-encoding processes of the build."""
 
 
+class _Clock:
+    """Wall-clock and CPU seconds since it was made; CPU counts this process and its reaped child processes."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), self._cpu_now()
+
+    @staticmethod
+    def _cpu_now() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def read(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, self._cpu_now() - self.cpu
+
+
 def _timed(fn, *args, **kw) -> tuple[object, float]:
     start = time.perf_counter()
     out = fn(*args, **kw)
     return out, time.perf_counter() - start
 
 
-def _stream_epoch(folder: Path, opts: BenchOptions) -> tuple[int, int, float]:
+def _stream_epoch(folder: Path, opts: BenchOptions) -> tuple[int, int, int, float, float]:
+    """Sequences, images, batches, wall-clock and CPU seconds of one epoch (the workers exit, and are counted, at
+    its end)."""
     cfg = StreamConfig(batch_size=opts.batch_size, num_workers=opts.num_workers, image_size=opts.image_size)
+    load_tokenizer(cfg.text_model)  # once per run, not per epoch
     stream = SequenceStream([folder], cfg, rank=0, world_size=1)
-    start, sequences, images = time.perf_counter(), 0, 0
+    clock, sequences, images, batches = _Clock(), 0, 0, 0
     for batch in stream:
         sequences += len(batch)
         images += batch.pixel_values.shape[0]
-    return sequences, images, time.perf_counter() - start
+        batches += 1
+    return sequences, images, batches, *clock.read()
 
 
 def _catalog_jpegs(folder: Path) -> list[bytes]:
@@ -69,23 +97,25 @@ def _catalog_jpegs(folder: Path) -> list[bytes]:
             if (it := schema.decode_item(raw)).image is not None]  # fmt: skip
 
 
-def _pil_rate(jpegs: list[bytes], n: int, transform: bool, size: int) -> float:
-    """Images per second decoding ``n`` of the catalog's JPEGs (cycling), optionally with the stream's transform.
+def _pil_rate(jpegs: list[bytes], n: int, size: int, per_batch: int = 0) -> tuple[float, float]:
+    """Images per wall-clock and per CPU second decoding ``n`` of the catalog's JPEGs (cycling); with ``per_batch``,
+    also transformed to uint8 batches of that many images, as a stream worker collates them.
 
     One torch thread, as in a DataLoader worker (torch's intra-op threads slow small per-image copies down).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    start = time.perf_counter()
-    for i in range(n):
-        data = jpegs[i % len(jpegs)]
-        if transform:
-            images_to_tensor([decode_image(data, size)], size, normalize=False)  # what a stream worker does
-        else:
-            Image.open(io.BytesIO(data)).convert("RGB")
-    rate = n / (time.perf_counter() - start)
+    clock = _Clock()
+    if per_batch:
+        for start in range(0, n, per_batch):
+            decoded = [decode_image(jpegs[i % len(jpegs)], size) for i in range(start, min(n, start + per_batch))]
+            images_to_tensor(decoded, size, normalize=False)
+    else:
+        for i in range(n):
+            Image.open(io.BytesIO(jpegs[i % len(jpegs)])).convert("RGB")
+    wall, cpu = clock.read()
     torch.set_num_threads(threads)
-    return rate
+    return n / wall, n / cpu
 
 
 def run(opts: BenchOptions, input_dir: Path | None = None, fmt: str = "generic") -> dict[str, float]:
@@ -98,8 +128,11 @@ def run(opts: BenchOptions, input_dir: Path | None = None, fmt: str = "generic")
         build_opts = BuildOptions(format=fmt, image_size=opts.image_size, samples_per_shard=64,
                                   workers=opts.build_workers)  # fmt: skip
         manifest, build_s = _timed(build, input_dir, out, build_opts, progress=False)
-        sequences, images, stream_s = _stream_epoch(out, opts)
+        sequences, images, batches, stream_s, stream_cpu_s = _stream_epoch(out, opts)
         jpegs = _catalog_jpegs(out)
+        n = max(images, 1)
+        pil, pil_cpu = _pil_rate(jpegs, n, opts.image_size)
+        pil_transform, pil_transform_cpu = _pil_rate(jpegs, n, opts.image_size, per_batch=-(-n // max(batches, 1)))
         result = {
             "catalog_items": manifest["counts"]["items"],
             "users": manifest["counts"]["users"],
@@ -107,23 +140,30 @@ def run(opts: BenchOptions, input_dir: Path | None = None, fmt: str = "generic")
             "build_interactions_per_s": manifest["counts"]["interactions"] / build_s,
             "stream_sequences_per_s": sequences / stream_s,
             "stream_images_per_s": images / stream_s,
-            "pil_decode_images_per_s": _pil_rate(jpegs, max(images, 1), False, opts.image_size),
-            "pil_decode_transform_images_per_s": _pil_rate(jpegs, max(images, 1), True, opts.image_size),
+            "stream_images_per_cpu_s": images / stream_cpu_s,
+            "pil_decode_images_per_s": pil,
+            "pil_decode_images_per_cpu_s": pil_cpu,
+            "pil_decode_transform_images_per_s": pil_transform,
+            "pil_decode_transform_images_per_cpu_s": pil_transform_cpu,
+            "stream_vs_pil_decode_per_core": (images / stream_cpu_s) / pil_cpu,
             "shard_bytes": sum(s["bytes"] for k in ("items", "seqs") for s in manifest["shards"][k]),
         }
     return result
 
 
 def report(r: dict[str, float], opts: BenchOptions) -> str:
-    pil = r["pil_decode_images_per_s"]
+    pil = r["pil_decode_images_per_cpu_s"]
+    procs = f"{opts.num_workers} workers + this process" if opts.num_workers else "1 process"
     rows = [
         ("build", f"{r['build_items_per_s']:.0f} items/s ({r['build_interactions_per_s']:.0f} interactions/s)", ""),
         ("stream", f"{r['stream_sequences_per_s']:.0f} sequences/s", ""),
-        ("stream images (decode+transform+collate)", f"{r['stream_images_per_s']:.0f} images/s",
-         f"{r['stream_images_per_s'] / pil:.2f}x PIL decode"),
-        ("PIL decode only, 1 process", f"{pil:.0f} images/s", "1.00x"),
-        ("PIL decode + transform, 1 process", f"{r['pil_decode_transform_images_per_s']:.0f} images/s",
-         f"{r['pil_decode_transform_images_per_s'] / pil:.2f}x PIL decode"),
+        (f"stream images (all of the stream), {procs}",
+         f"{r['stream_images_per_s']:.0f} images/s, {r['stream_images_per_cpu_s']:.0f}/CPU-s",
+         f"{r['stream_images_per_cpu_s'] / pil:.2f}x per core"),
+        ("PIL decode only, 1 process", f"{r['pil_decode_images_per_s']:.0f} images/s, {pil:.0f}/CPU-s", "1.00x"),
+        ("PIL decode + transform + batch, 1 process",
+         f"{r['pil_decode_transform_images_per_s']:.0f} images/s, {r['pil_decode_transform_images_per_cpu_s']:.0f}"
+         "/CPU-s", f"{r['pil_decode_transform_images_per_cpu_s'] / pil:.2f}x per core"),
     ]  # fmt: skip
     head = (
         f"{r['catalog_items']:.0f} items, {r['users']:.0f} users, image side {opts.image_size},"
@@ -131,7 +171,11 @@ def report(r: dict[str, float], opts: BenchOptions) -> str:
         f" {opts.num_workers} stream workers, shards {r['shard_bytes'] / 2**20:.1f} MiB"
     )
     width = max(len(n) for n, _, _ in rows)
-    return "\n".join([head] + [f"  {n:<{width}}  {v:<40} {ratio}" for n, v, ratio in rows])
+    tail = (
+        f"stream / PIL decode: {r['stream_vs_pil_decode_per_core']:.2f}x per core"
+        " (images per CPU-second, all the stream's processes counted)"
+    )
+    return "\n".join([head] + [f"  {n:<{width}}  {v:<34} {ratio}" for n, v, ratio in rows] + [tail])
 
 
 def main(opts: BenchOptions, input_dir: Path | None, fmt: str, as_json: bool) -> None:
