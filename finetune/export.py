@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from torch import nn
 
 from pretrain.config import TrainConfig, from_dict, to_dict
 from pretrain.model import Catalog, Recommender
+from pretrain.outputs import rank0_folder, tensor_bytes
 
 from .modes import lora_layers, merge_lora
 from .transfer import Source, is_fresh, prepare_model
@@ -70,7 +70,8 @@ def save_finetuned(
     model: nn.Module, cfg: TrainConfig, catalog: Catalog, source: Source | None, folder: str | Path, engine: Any = None
 ) -> Path:
     """Write ``folder`` (see the module docstring) from ``model`` (the engine's module when ``engine`` is given:
-    every rank must call it then; rank 0 writes). Atomic: a crash leaves the previous folder or none."""
+    every rank must call it then; rank 0 writes). Atomic: a crash leaves the previous folder or none; space-checked: a
+    full disk is one ValueError on every rank (:func:`pretrain.outputs.rank0_folder`)."""
     folder = Path(folder)
     names = saved_names(model, source is not None, cfg.finetune.fresh)
     wanted = set(names)
@@ -80,26 +81,21 @@ def save_finetuned(
         if _rank() == 0:
             state = model.state_dict()
             tensors = {k: state[k].detach().cpu().clone().contiguous() for k in names}
-    if _rank() == 0:
-        doc = {
-            "format": FORMAT,
-            "version": VERSION,
-            "pretrained": None if source is None else source.pointer(),
-            "mode": cfg.finetune.mode,
-            "lora": lora_layers(model),
-            "tensors": names,
-            "config": to_dict(cfg),
-            "catalog": catalog.to_dict(),
-        }
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        safetensors.torch.save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / DOC).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    doc = {
+        "format": FORMAT,
+        "version": VERSION,
+        "pretrained": None if source is None else source.pointer(),
+        "mode": cfg.finetune.mode,
+        "lora": lora_layers(model),
+        "tensors": names,
+        "config": to_dict(cfg),
+        "catalog": catalog.to_dict(),
+    }
+    text = json.dumps(doc, indent=1) + "\n"
+    with rank0_folder(folder, tensor_bytes(tensors) + len(text), f"the finetuned model {folder}") as tmp:
+        if tmp is not None:
+            safetensors.torch.save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+            (tmp / DOC).write_text(text, encoding="utf-8")
     return folder
 
 

@@ -12,6 +12,8 @@ Layout of ``run.out_dir/checkpoints``::
 atomically (a temporary file renamed over it), so a save interrupted at any point leaves the previous checkpoint
 as the latest; ``engine.load_checkpoint(dir)`` without a tag reads the same pointer. Resuming restores the model,
 optimizer, schedule, the stream position and every RNG, so the next step's loss equals the uninterrupted run's.
+A checkpoint resumed on another number of ranks keeps the model, optimizer and schedule exactly and the data
+stream's epoch without repeats (:func:`load`); the losses go on, but not bit for bit.
 Checkpoints assume a file system shared by all nodes (rank 0 writes the pointer and prunes).
 Before a save, every rank checks that the file system has room for another checkpoint (the latest one's size)
 and all of them stop with a clear error if any has not: a full disk is found before a half-written save.
@@ -29,8 +31,10 @@ with a :class:`ValueError` naming it, before anything in it runs. The export hol
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
+import logging
 import os
 import pickle
 import random
@@ -46,9 +50,12 @@ import torch
 from shards.build import check_free_space
 from shards.stream import SequenceStream
 
+from . import reshard
 from .config import TrainConfig, from_dict, to_dict
 from .model import Catalog, Recommender
+from .outputs import rank0_folder, tensor_bytes
 
+log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE = "momrec.json"
@@ -111,10 +118,15 @@ RESUMABLE = (
     "data.valid_domains",
     "engine.process_group_timeout_s",
     "model.feature_cache_dir",
+    "model.text.cache_frozen",
+    "model.image.cache_frozen",
+    "optim.implementation",
 )
 """Config keys (a section: every key in it) that ``--resume`` may change, logged when it does: how long the run
 goes on (max_steps, and the warm-up with it), what it logs, validates and saves (``run``, also a moved out_dir),
-how long a collective waits, where the feature cache lives. A change to any other key (the model, the training
+how long a collective waits, where the feature cache lives and whether it is used (a frozen bottom gives the same
+output either way; the default changed to true), and which of torch's AdamW kernels steps (the same update).
+A change to any other key (the model, the training
 data and how it is streamed, the loss, the optimizer's other settings, engine.seed, the ZeRO stage and precision,
 finetune's source and mode) would continue the checkpoint as something it is not: :func:`check_resume` refuses it.
 data.stream.num_workers too: the stream's epoch plan deals batches to the workers, so a saved position means
@@ -327,7 +339,13 @@ def prune(ckpt: Path, keep: int) -> list[str]:
 
 
 def load(engine: Any, stream: SequenceStream, out_dir: str | Path) -> int:
-    """Restore the latest checkpoint into ``engine`` and ``stream`` and this rank's RNGs; returns its step."""
+    """Restore the latest checkpoint into ``engine`` and ``stream`` and this rank's RNGs; returns its step.
+
+    On the world size that saved it, everything is restored exactly. On another (:func:`_load_moved`), the
+    model, optimizer and schedule still are (ZeRO 1-3 partitions cut again by :mod:`pretrain.reshard`); the
+    stream goes on with the rest of its epoch dealt to the new ranks (:meth:`SequenceStream.load_state_dict` with
+    ``regroup``); rank r takes saved rank r's RNG states, a rank beyond them states seeded from (engine.seed, step,
+    rank). The global batch (per-rank batch x accumulation x ranks) changes with the world size."""
     ckpt, tag, rank = checkpoint_dir(out_dir), latest_tag(out_dir), _rank()
     if tag is None:
         raise ValueError(f"no checkpoint to resume from in {ckpt}")
@@ -335,7 +353,7 @@ def load(engine: Any, stream: SequenceStream, out_dir: str | Path) -> int:
     state = json.loads((folder / STATE).read_text(encoding="utf-8"))
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if state["world_size"] != world:
-        raise ValueError(f"{folder} was saved by {state['world_size']} ranks; resume it with as many, not {world}")
+        return _load_moved(engine, stream, folder, state, world)
     mine = json.loads((folder / f"rank{rank:05d}.json").read_text(encoding="utf-8"))
     stream.load_state_dict(mine["stream"])
     secure_loads(engine)
@@ -344,6 +362,35 @@ def load(engine: Any, stream: SequenceStream, out_dir: str | Path) -> int:
         raise ValueError(f"DeepSpeed found no checkpoint in {folder}")
     set_rng_state(safetensors.torch.load_file(str(folder / f"rank{rank:05d}.safetensors")), mine)
     return int(state["step"])
+
+
+def _load_moved(engine: Any, stream: SequenceStream, folder: Path, state: dict[str, Any], world: int) -> int:
+    """:func:`load` of a checkpoint saved by another number of ranks."""
+    rank, saved, step = _rank(), int(state["world_size"]), int(state["step"])
+    if rank == 0:
+        log.warning("%s was saved by %d ranks, resumed on %d: the model, optimizer and schedule are carried over, "
+                    "the rest of the data stream's epoch is dealt to the new ranks (see the stream's message), and "
+                    "the global batch changes with the rank count", folder, saved, world)  # fmt: skip
+    first = json.loads((folder / "rank00000.json").read_text(encoding="utf-8"))
+    stream.load_state_dict(first["stream"], regroup=True)  # every saved rank's position is the same
+    secure_loads(engine)
+    stage = engine.zero_optimization_stage()
+    if stage == 0:  # whole states in one file (rank 0's), which DeepSpeed loads on any world size
+        path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+        if path is None:
+            raise ValueError(f"DeepSpeed found no checkpoint in {folder}")
+    else:
+        reshard.write(engine, *reshard.read(folder, saved, stage, safe_torch_load))
+    if rank < saved:
+        mine = json.loads((folder / f"rank{rank:05d}.json").read_text(encoding="utf-8"))
+        set_rng_state(safetensors.torch.load_file(str(folder / f"rank{rank:05d}.safetensors")), mine)
+    else:
+        seed = int.from_bytes(hashlib.sha256(f"momrec-rng:{state['config']['engine']['seed']}:{step}:{rank}".encode())
+                              .digest()[:8], "little")  # fmt: skip
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+    return step
 
 
 # ---- export ---------------------------------------------------------------------------------------------
@@ -367,16 +414,12 @@ def export(engine: Any, cfg: TrainConfig, catalog: Catalog, folder: str | Path) 
     """Write ``folder/config.json`` and ``folder/model.safetensors`` (rank 0; every rank must call it)."""
     folder = Path(folder)
     state = gathered_state_dict(engine, to_rank0_only=True)
-    if _rank() == 0:
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        safetensors.torch.save_file(state, str(tmp / EXPORT_WEIGHTS), metadata={"format": "pt"})
-        doc = {"format": "momrec-pretrained", "version": FORMAT, "config": to_dict(cfg), "catalog": catalog.to_dict()}
-        (tmp / EXPORT_CONFIG).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-    _barrier()
+    doc = {"format": "momrec-pretrained", "version": FORMAT, "config": to_dict(cfg), "catalog": catalog.to_dict()}
+    text = json.dumps(doc, indent=1) + "\n"
+    with rank0_folder(folder, tensor_bytes(state) + len(text), f"the export {folder}") as tmp:  # space-checked
+        if tmp is not None:
+            safetensors.torch.save_file(state, str(tmp / EXPORT_WEIGHTS), metadata={"format": "pt"})
+            (tmp / EXPORT_CONFIG).write_text(text, encoding="utf-8")
     return folder
 
 

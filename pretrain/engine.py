@@ -513,7 +513,7 @@ def _epoch_batches(run: Run) -> Iterator[Batch]:
             raise ValueError(
                 f"epoch {stream.epoch} has no batch: fewer sequences than data.stream.batch_size x ranks x workers"
             )
-        if stream.batches_done == 0 and run.cfg.model.user.interest_tokens:
+        if stream.starts_epoch and run.cfg.model.user.interest_tokens:  # not at a regrouped rest (checkpoint.load)
             with torch.random.fork_rng(devices=_devices(run)):
                 train_folders = run.folders[: len(run.cfg.data.domains)]
                 validate.refresh_interests(run.engine, run.cfg, train_folders, run.dist, run.model_factory)

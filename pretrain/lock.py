@@ -22,11 +22,12 @@ import json
 import logging
 import os
 import socket
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from shards.procs import describe, holder_record, is_stale  # the holder records, shared with shards' temp folders
+from shards.procs import process_start as _process_start  # noqa: F401  (its former home: tests use the name)
 
 log = logging.getLogger(__name__)
 
@@ -39,52 +40,6 @@ _FORCE_HINT = {
     "scaling.out_dir": "scaling.force_unlock=true",
 }
 """How to force the unlock of the folder of each config key (in the refusal's message)."""
-
-
-def _process_start(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot, from /proc), or None where that cannot be read: a pid
-    that a dead run held and a later process reuses is told apart by it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name in parentheses
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def holder_record() -> dict[str, Any]:
-    """What this process writes into a lock it takes."""
-    return {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "started": _process_start(os.getpid()),
-        "since": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "command": " ".join(sys.argv),
-    }
-
-
-def describe(holder: dict[str, Any]) -> str:
-    return f"host {holder.get('host')}, pid {holder.get('pid')}, since {holder.get('since')}: {holder.get('command')}"
-
-
-def is_stale(holder: dict[str, Any]) -> bool:
-    """True when the holder is a process of this host that is no longer running (never for another host's)."""
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
-        return False
-    pid = holder["pid"]
-    if pid == os.getpid():  # not held by this process (see _HELD): a dead run's pid, reused by us
-        return True
-    started = holder.get("started")
-    return not _alive(pid) or (started is not None and _process_start(pid) not in (None, started))
 
 
 def _read(path: Path) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import InputError
+from .outdir import Interrupted, interruptible
 from .schema import SampleError
 
 _EPILOG = """examples:
@@ -221,10 +222,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return _run(args)
+        with interruptible():  # SIGTERM unwinds like Ctrl-C: a build or subset removes its temporary folder
+            return _run(args)
     except (InputError, SampleError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"error: {str(e) or 'interrupted'}", file=sys.stderr)
+        return 143 if isinstance(e, Interrupted) else 130
     except BrokenPipeError:  # the reader went away (`inspect X | head`): stop quietly, as other Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
         return 141

@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import logging
 import os
-import shutil
 from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -29,6 +28,8 @@ from . import __version__, schema
 from .errors import InputError, Skips
 from .formats import AUTO, RawItem, detect, open_reader
 from .images import ImageError, reencode_file
+from .outdir import atomic_folder, check_free_space  # noqa: F401  (check_free_space: imported from here by others)
+from .procs import die_with_parent
 from .progress import bar as progress_bar
 from .text import Template, TemplateError
 
@@ -198,7 +199,7 @@ def _encode_images(paths: list[Path | None], opts: BuildOptions, skips: Skips, p
     todo = [(i, p) for i, p in enumerate(paths) if p is not None]
     jobs = [(p, opts.image_size, opts.jpeg_quality) for _, p in todo]
     out: list[bytes | None] = [None] * len(paths)
-    with ProcessPoolExecutor(opts.workers) if opts.workers > 1 else contextlib.nullcontext() as pool:
+    with _pool(opts.workers) as pool:
         results = pool.map(_encode_one, jobs, chunksize=64) if pool else map(_encode_one, jobs)
         for (i, path), result in progress_bar(zip(todo, results), enabled=progress, total=len(todo), desc="images"):
             if isinstance(result, str):
@@ -206,6 +207,22 @@ def _encode_images(paths: list[Path | None], opts: BuildOptions, skips: Skips, p
             else:
                 out[i] = result
     return out
+
+
+@contextlib.contextmanager
+def _pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """``workers`` processes (None for one: the work runs here) that die with this one, even when it is killed
+    outright; when the block raises (an error, Ctrl-C, SIGTERM), the jobs not yet started are cancelled."""
+    if workers == 1:
+        yield None
+        return
+    pool = ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),))
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def _encode_one(job: tuple[Path, int, int]) -> bytes | str:
@@ -374,10 +391,9 @@ def _write_atomically(
     dom: _Domain, manifest: dict[str, Any], out_dir: Path, opts: BuildOptions, progress: bool
 ) -> None:
     """Write into a hidden sibling folder; rename it into place once complete (a crash leaves no complete-looking
-    output: the manifest is the last file written, and ``out_dir`` appears only by the final rename)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    check_free_space(out_dir.parent, _estimated_bytes(dom), f"the shards of {out_dir}")
-    with atomic_folder(out_dir) as tmp:
+    output: the manifest is the last file written, and ``out_dir`` appears only by the final rename; see
+    :mod:`shards.outdir`)."""
+    with atomic_folder(out_dir, _estimated_bytes(dom), f"the shards of {out_dir}") as tmp:
         items = (schema.encode_item(it) for it in dom.items)
         seqs = (schema.encode_seq(_sequence(dom, u)) for u in range(len(dom.users)))
         per = opts.samples_per_shard
@@ -387,21 +403,6 @@ def _write_atomically(
         }
         text = schema.dumps_manifest(manifest)
         (tmp / schema.MANIFEST_NAME).write_text(text, encoding="utf-8")
-
-
-@contextlib.contextmanager
-def atomic_folder(out_dir: Path) -> Iterator[Path]:
-    """A hidden sibling of ``out_dir`` to write into, renamed to ``out_dir`` (replacing it) when the block ends
-    without an error and removed when it raises: a crash never leaves a complete-looking output."""
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        _replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 TAR_MEMBER_BYTES = 1024
@@ -417,24 +418,3 @@ def _estimated_bytes(dom: _Domain) -> int:
         distinct = {dom.slot_to_index[slot] for slot in events.slots}
         total += sum(sizes[i] for i in distinct) + 40 * len(events) + TAR_MEMBER_BYTES
     return total
-
-
-def check_free_space(folder: str | Path, needed: int, what: str, margin: float = 0.1) -> None:
-    """An :class:`InputError` before writing ``needed`` bytes of ``what`` into ``folder`` when its file system has
-    less free space than that plus ``margin``: failing early beats a full disk half-way through."""
-    free = shutil.disk_usage(folder).free
-    if free < needed * (1 + margin):
-        raise InputError(
-            f"not enough free space in {folder} for {what}: about {needed / 2**20:,.1f} MiB needed, "
-            f"{free / 2**20:,.1f} MiB free"
-        )
-
-
-def _replace(new: Path, target: Path) -> None:
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.rename(target, old)
-        os.rename(new, target)
-        shutil.rmtree(old)
-    else:
-        os.rename(new, target)

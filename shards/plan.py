@@ -5,6 +5,11 @@ Non-resampled, an epoch lays the sequence shards of all folders end to end (in a
 batches long. A run is a list of :class:`ShardSlice` sample ranges; a shard may be split between slots. Every
 rank gets ``total // (batch_size * world_size)`` batches, whatever the shard count, and only the remainder
 after the last whole global batch is left out of the epoch (see :func:`make_plan`).
+
+An epoch resumed on another number of ranks goes on with a :class:`RegroupedPlan` (:func:`regroup`): the batches
+the saved slots had still to yield (:func:`rest_of_epoch`), dealt to the new slots as ranges of the epoch's first
+plan, so every one of them is yielded once and by the same pipeline (same samples, shuffle and flips) as it would
+have been; only the ``rest mod world_size`` batches that cannot be dealt evenly are left out of that epoch.
 """
 
 from __future__ import annotations
@@ -158,3 +163,87 @@ def _cut(order: Sequence[ShardRef], lengths: Sequence[int]) -> list[tuple[ShardS
             offset, length = offset + take, length - take
         runs.append(tuple(run))
     return runs
+
+
+# ---- an epoch resumed on another number of ranks ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchRange:
+    """Batches ``start`` .. ``stop - 1`` of slot (``rank``, ``worker``) of an epoch's first plan."""
+
+    rank: int
+    worker: int
+    start: int
+    stop: int
+
+    @property
+    def batches(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class RegroupedPlan(EpochPlan):
+    """The rest of an epoch begun under ``base`` (another world size): ``slots[rank][worker]`` holds
+    :class:`BatchRange` s of ``base`` (not sample ranges), which that worker yields in order."""
+
+    base: EpochPlan
+    left_out: int
+    """Batches of the rest that could not be dealt evenly to the ranks (fewer than the ranks)."""
+
+    @property
+    def dropped_samples(self) -> int:
+        return self.base.dropped_samples + self.left_out * self.batch_size
+
+
+def _ranges(plan: EpochPlan, rank: int, worker: int) -> tuple[BatchRange, ...]:
+    if isinstance(plan, RegroupedPlan):
+        return plan.slots[rank][worker]
+    return (BatchRange(rank, worker, 0, plan.worker_batches[rank][worker]),)
+
+
+def drop_batches(ranges: Sequence[BatchRange], k: int) -> list[BatchRange]:
+    """``ranges`` without their first ``k`` batches."""
+    out = []
+    for r in ranges:
+        if k >= r.batches:
+            k -= r.batches
+            continue
+        out.append(BatchRange(r.rank, r.worker, r.start + k, r.stop))
+        k = 0
+    return out
+
+
+def rest_of_epoch(plan: EpochPlan, done: int) -> list[BatchRange]:
+    """What the slots of ``plan`` have still to yield once every rank has yielded ``done`` batches, slot after slot,
+    as ranges of the epoch's first plan."""
+    rest: list[BatchRange] = []
+    for rank, caps in enumerate(plan.worker_batches):
+        before = plan.batches_before(rank, done)
+        for worker in range(len(caps)):
+            rest += drop_batches(_ranges(plan, rank, worker), before[worker])
+    return rest
+
+
+def regroup(base: EpochPlan, rest: Sequence[BatchRange], world_size: int, num_workers: int) -> RegroupedPlan:
+    """Deal ``rest`` (ranges of ``base``) to ``world_size`` ranks of ``num_workers`` workers: every rank yields
+    ``len(rest) // world_size`` batches (as :func:`make_plan` spreads them over workers), consecutive runs of
+    ``rest`` in order; the remainder is left out."""
+    total = sum(r.batches for r in rest)
+    per_rank, n_slots = total // world_size, max(1, num_workers)
+    worker_batches = tuple(tuple(_round_robin_counts([per_rank] * n_slots, per_rank)) for _ in range(world_size))
+    runs, pending = [], list(rest)
+    for length in (n for rank in worker_batches for n in rank):
+        run: list[BatchRange] = []
+        while length:
+            head = pending.pop(0)
+            take = min(length, head.batches)
+            run.append(BatchRange(head.rank, head.worker, head.start, head.start + take))
+            if take < head.batches:
+                pending.insert(0, BatchRange(head.rank, head.worker, head.start + take, head.stop))
+            length -= take
+        runs.append(tuple(run))
+    slots = tuple(tuple(runs[r * n_slots : (r + 1) * n_slots]) for r in range(world_size))
+    left_out = total - per_rank * world_size
+    return RegroupedPlan(base.epoch, base.batch_size, base.resampled, base.total_samples, slots, worker_batches,
+                         base, left_out)  # fmt: skip

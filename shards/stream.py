@@ -46,7 +46,18 @@ from shards.collate import (
     split_example,
     warn_once,
 )
-from shards.plan import PLAN_VERSION, EpochPlan, ShardRef, ShardSlice, make_plan
+from shards.plan import (
+    PLAN_VERSION,
+    BatchRange,
+    EpochPlan,
+    RegroupedPlan,
+    ShardRef,
+    ShardSlice,
+    drop_batches,
+    make_plan,
+    regroup,
+    rest_of_epoch,
+)
 from shards.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -68,10 +79,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-STATS = ("bad_samples", "bad_images", "empty_texts", "tar_errors", "topup_passes")
+STATS = ("bad_samples", "bad_images", "empty_texts", "tar_errors", "topup_passes", "missing_samples", "extra_samples")
 """The counters of :attr:`SequenceStream.stats`: samples skipped as breaking the schema, images dropped as
 undecodable, item texts taken as none for being empty, unreadable tar content (a truncated shard counts once per
-level that meets it), and extra passes over a worker's samples to make up for the bad ones."""
+level that meets it), extra passes over a worker's samples to make up for the bad ones, samples the manifest
+promises that a shard did not deliver (cut or damaged: a bad tar header silently ends the archive), and samples a
+shard holds beyond the manifest's count (which the stream never reads). Missing and extra samples are counted once
+per epoch (top-up passes re-read the same ranges), or per draw when resampled."""
 
 
 @dataclass
@@ -180,29 +194,66 @@ class _SampleRange:
         return self.start <= self.index <= self.stop and (self.images or not schema.is_image_field(ext or ""))
 
 
-def _read_slice(piece: ShardSlice, handler: TarErrors, images: bool = True) -> Iterator[dict[str, Any]]:
+def _read_slice(
+    piece: ShardSlice, handler: TarErrors, images: bool = True, check: bool = False
+) -> Iterator[dict[str, Any]]:
     """The raw samples of ``piece`` (fewer if the shard is short or unreadable); without their item images when
-    not ``images``."""
+    not ``images``. With ``check``, a range read to its end with fewer samples than the manifest promises counts
+    them in ``handler.counts['missing_samples']``, and a shard found to go on past the manifest's count (read to its
+    end to count them) in ``['extra_samples']``, each with a warning."""
     selected = _SampleRange(piece.start, piece.stop, images)
     samples = wds.tarfile_samples([{"url": piece.url}], handler=handler, select_files=selected)
+    delivered = 0
     with contextlib.closing(samples):  # stopping early closes the shard now, not whenever it is collected
         for sample in samples:
             if selected.index >= piece.stop and sample["__key__"] == selected.key:
-                return  # the let-through start of sample `stop` (met only after a tar error)
+                break  # the let-through start of sample `stop` (met only after a tar error)
+            delivered += 1
+            if check and selected.index >= piece.stop == piece.shard.samples:
+                _count_extra(piece, samples, selected, handler.counts)  # before the yield: the caller may stop
             yield sample
             if selected.index >= piece.stop:
-                return  # sample `stop` has begun: reading on would reach into the next slot's samples
+                break  # sample `stop` has begun: reading on would reach into the next slot's samples
+    if check and delivered < piece.samples:
+        _count_missing(piece, delivered, handler.counts)
+
+
+def _count_missing(piece: ShardSlice, delivered: int, counts: Counter) -> None:
+    counts["missing_samples"] += piece.samples - delivered
+    warn_once(
+        log, ("missing", piece.url, piece.start),
+        "%s: %d of the %d samples the manifest promises in samples %d..%d were read, %d missing (a cut or damaged "
+        "shard, or a wrong manifest: run `python -m shards verify` on its folder)",
+        piece.url, delivered, piece.samples, piece.start, piece.stop - 1, piece.samples - delivered,
+    )  # fmt: skip
+
+
+def _count_extra(piece: ShardSlice, samples: Iterator, selected: _SampleRange, counts: Counter) -> None:
+    """Read the shard on past its manifest count (members are passed over unextracted) to count the samples left."""
+    for _ in samples:
+        pass
+    extra = selected.index + 1 - piece.shard.samples
+    counts["extra_samples"] += extra
+    warn_once(
+        log, ("extra", piece.url),
+        "%s: holds %d samples, the manifest says %d: %d more are never read (a wrong manifest: run `python -m "
+        "shards verify` on its folder)",
+        piece.url, selected.index + 1, piece.shard.samples, extra,
+    )  # fmt: skip
 
 
 class _RawSamples:
-    """Pipeline source: the raw samples of a list of sample ranges, in order."""
+    """Pipeline source: the raw samples of a list of sample ranges, in order (checked against the manifest when
+    ``check``)."""
 
-    def __init__(self, pieces: Sequence[ShardSlice], handler: TarErrors, images: bool = True) -> None:
-        self.pieces, self.handler, self.images = pieces, handler, images
+    def __init__(
+        self, pieces: Sequence[ShardSlice], handler: TarErrors, images: bool = True, check: bool = False
+    ) -> None:
+        self.pieces, self.handler, self.images, self.check = pieces, handler, images, check
 
     def __call__(self) -> Iterator[dict[str, Any]]:
         for piece in self.pieces:
-            yield from _read_slice(piece, self.handler, self.images)
+            yield from _read_slice(piece, self.handler, self.images, self.check)
 
 
 class _Decode:
@@ -294,7 +345,13 @@ class _Passes:
         return wds.DataPipeline(
             # sliced before the shuffle: the buffer only ever holds this slot's samples
             # a model without content (data.stream.item_content = false) reads no item image
-            _RawSamples(pieces, TarErrors(sorted({p.url for p in pieces}), self.counts), self.cfg.item_content),
+            # a top-up pass re-reads the ranges of pass 0: what they lack was counted then
+            _RawSamples(
+                pieces,
+                TarErrors(sorted({p.url for p in pieces}), self.counts),
+                self.cfg.item_content,
+                check=self.cfg.resampled or n == 0,
+            ),
             wds.shuffle(bufsize, bufsize, rng=random.Random(f"momrec-shuffle:{self.key}:{n}")) if bufsize else None,
             wds.map(
                 _Decode({s.url: s.domain for s in self.everything}, self.sizes, self.counts, self.cfg.item_content)
@@ -332,12 +389,16 @@ class _RankBatches(IterableDataset):
         skip = self.plan.batches_before(self.rank, self.start)[slot]
         if planned == skip:
             return iter(())
-        return iter(self._pipeline(slot, planned, skip))
+        if isinstance(self.plan, RegroupedPlan):  # ranges of the first plan's slots, each by that slot's pipeline
+            ranges = drop_batches(self.plan.slots[self.rank][slot], skip)
+            return itertools.chain.from_iterable(self._pipeline(self.plan.base, r.rank, r.worker, r.stop, r.start)
+                                                 for r in ranges)  # fmt: skip
+        return iter(self._pipeline(self.plan, self.rank, slot, planned, skip))
 
-    def _pipeline(self, slot: int, planned: int, skip: int) -> wds.DataPipeline:
+    def _pipeline(self, plan: EpochPlan, rank: int, slot: int, planned: int, skip: int) -> wds.DataPipeline:
         cfg, counts = self.cfg, Counter()
-        key = f"{cfg.seed}:{self.plan.epoch}:{self.rank}:{slot}"
-        own = self.plan.slots[self.rank][slot]
+        key = f"{cfg.seed}:{plan.epoch}:{rank}:{slot}"
+        own = plan.slots[rank][slot]
         return wds.DataPipeline(
             _Passes(own, self.shards, self.sizes, key, cfg, counts),
             # Resume skips the decoded (not collated) samples of the batches already done: decoding is only JSON
@@ -401,6 +462,8 @@ class SequenceStream:
         self.stats: Counter = Counter()
         """Events met by this rank's workers so far (:data:`STATS`)."""
         self._plan: EpochPlan | None = None
+        self._regrouped: RegroupedPlan | None = None
+        """The plan of an epoch resumed from another world size (:meth:`load_state_dict` with ``regroup``)."""
 
     @property
     def fingerprint(self) -> str:
@@ -410,6 +473,8 @@ class SequenceStream:
 
     def plan(self, epoch: int | None = None) -> EpochPlan:
         epoch = self.epoch if epoch is None else epoch
+        if self._regrouped is not None and self._regrouped.epoch == epoch:
+            return self._regrouped
         if self._plan is None or self._plan.epoch != epoch:
             self._plan = make_plan(self.shards, epoch, self.world_size, self.cfg.num_workers, self.cfg)
         return self._plan
@@ -424,7 +489,7 @@ class SequenceStream:
         plan = self.plan()
         if self.batches_done >= plan.batches:
             return
-        if self.rank == 0 and self.batches_done == 0:
+        if self.rank == 0 and self.starts_epoch:
             _report(plan)
         load_tokenizer(self.cfg.text_model)  # load before forking: workers inherit it instead of each loading it
         sizes = [DomainSize(m.n_items, m.n_users) for m in self.manifests]
@@ -452,19 +517,83 @@ class SequenceStream:
             "split": cfg.split,
             "plan": PLAN_VERSION,
             "shards": self.fingerprint,
+            **self._regrouped_state(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved position; raise ValueError if it was taken on a different stream setup."""
+    @property
+    def starts_epoch(self) -> bool:
+        """Whether the next batch is the first of its epoch (the first of a regrouped rest is not)."""
+        return self.batches_done == 0 and (self._regrouped is None or self._regrouped.epoch != self.epoch)
+
+    def load_state_dict(self, state: dict[str, Any], regroup: bool = False) -> None:
+        """Continue from a saved position; raise ValueError if it was taken on a different stream setup.
+
+        With ``regroup``, the position may come from another world size (any rank's: they are equal): the batches
+        that the saved ranks had still to yield in its epoch are dealt to this world's ranks (:func:`shards.plan.
+        regroup`), each yielded once, as it would have been; the ``rest mod world_size`` that cannot be dealt evenly
+        are left out (logged). A position at the start of an epoch takes this world's own plan of it, one at its end
+        (or with less than a batch per rank left) the next epoch."""
         mine = self.state_dict()
-        diff = [f"{k}: saved {state.get(k)!r}, now {mine[k]!r}" for k in _STATE_CHECKED if state.get(k) != mine[k]]
+        checked = [k for k in _STATE_CHECKED if not (regroup and k == "world_size")]
+        diff = [f"{k}: saved {state.get(k)!r}, now {mine[k]!r}" for k in checked if state.get(k) != mine[k]]
         if diff:
             raise ValueError("cannot resume the data stream, its setup changed: " + "; ".join(diff))
         epoch, done = int(state["epoch"]), int(state["batches_done_in_epoch"])
-        n = self.plan(epoch).batches
+        self._regrouped = None
+        saved = self._saved_plan(state, epoch)
+        n = saved.batches
         if not 0 <= done <= n:
             raise ValueError(f"saved position {done} is outside epoch {epoch} of {n} batches")
-        self.epoch, self.batches_done = epoch, done
+        if len(saved.worker_batches) == self.world_size:
+            self._regrouped = saved if isinstance(saved, RegroupedPlan) else None
+            self.epoch, self.batches_done = epoch, done
+        else:
+            self._regroup(saved, done)
+
+    def _regrouped_state(self) -> dict[str, Any]:
+        plan = self._regrouped
+        if plan is None or plan.epoch != self.epoch:
+            return {}
+        ranges = [[r.rank, r.worker, r.start, r.stop] for rank in plan.slots for slot in rank for r in slot]
+        return {"regrouped": {"world_size": len(plan.base.worker_batches), "ranges": ranges, "left_out": plan.left_out}}
+
+    def _saved_plan(self, state: dict[str, Any], epoch: int) -> EpochPlan:
+        """The plan that a saved position counts its batches in."""
+        world, saved = int(state["world_size"]), state.get("regrouped")
+        if world < 1 or (saved is not None and int(saved["world_size"]) < 1):
+            raise ValueError(f"saved stream position names a world of {world} ranks (or regrouped from {saved})")
+        if saved is None:
+            if world == self.world_size:
+                return self.plan(epoch)
+            return make_plan(self.shards, epoch, world, self.cfg.num_workers, self.cfg)
+        base = make_plan(self.shards, epoch, int(saved["world_size"]), self.cfg.num_workers, self.cfg)
+        ranges = [BatchRange(*map(int, r)) for r in saved["ranges"]]
+        for r in ranges:
+            caps = base.worker_batches[r.rank] if 0 <= r.rank < len(base.worker_batches) else ()
+            if not (0 <= r.worker < len(caps) and 0 <= r.start < r.stop <= caps[r.worker]):
+                raise ValueError(f"saved regrouped position names batches {r} outside epoch {epoch}'s plan")
+        return dataclasses.replace(regroup(base, ranges, world, self.cfg.num_workers), left_out=int(saved["left_out"]))
+
+    def _regroup(self, saved: EpochPlan, done: int) -> None:
+        """Go on with the rest of ``saved``'s epoch (``done`` batches in, on another world size) on this one."""
+        epoch, world = saved.epoch, len(saved.worker_batches)
+        if done == 0 and not isinstance(saved, RegroupedPlan):
+            self.epoch, self.batches_done, self._regrouped = epoch, 0, None  # this world's own plan of the epoch
+            return
+        base = saved.base if isinstance(saved, RegroupedPlan) else saved
+        plan = regroup(base, rest_of_epoch(saved, done), self.world_size, self.cfg.num_workers)
+        self.batches_done = 0
+        if plan.batches:
+            self.epoch, self._regrouped = epoch, plan
+            what = f"goes on over {self.world_size} ranks with {plan.batches} batches each"
+        else:
+            self.epoch, self._regrouped = epoch + 1, None
+            what = f"ends: epoch {epoch + 1} starts"
+        if self.rank == 0:
+            level = logging.WARNING if plan.left_out else logging.INFO
+            log.log(level, "resumed on %d ranks a position saved on %d: epoch %d (batch %d of %d per rank) %s; %d "
+                    "batch(es) of it that cannot be dealt evenly left out", self.world_size, world, epoch, done,
+                    saved.batches, what, plan.left_out)  # fmt: skip
 
 
 def _report(plan: EpochPlan) -> None:

@@ -110,7 +110,7 @@ def subset(folder: str | Path, out: str | Path, fraction: float, seed: int = 0, 
 
     doc = dict(manifest.raw)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, _estimated_bytes(folder, manifest, len(keep), out), f"the subset {out}") as tmp:
         for shard in manifest.item_shards:
             _link_or_copy(folder / shard.name, tmp / shard.name)
         per = max(s.samples for s in manifest.seq_shards)
@@ -130,6 +130,14 @@ def subset(folder: str | Path, out: str | Path, fraction: float, seed: int = 0, 
         (tmp / schema.MANIFEST_NAME).write_text(schema.dumps_manifest(doc), encoding="utf-8")
     log.info("subset %s: %d of %d users (fraction %g, seed %d)", out, len(chosen), manifest.n_users, fraction, seed)
     return doc
+
+
+def _estimated_bytes(folder: Path, manifest: schema.Manifest, users: int, out: Path) -> int:
+    """What the subset will take: its users' share of the sequences shards (users differ in size; a margin covers
+    it), the items shards where they are copied rather than linked (another file system), and the manifest."""
+    seqs = sum(s.bytes for s in manifest.seq_shards) * users / max(1, manifest.n_users)
+    items = sum(s.bytes for s in manifest.item_shards) if folder.stat().st_dev != out.parent.stat().st_dev else 0
+    return int(1.5 * seqs) + items + (folder / schema.MANIFEST_NAME).stat().st_size
 
 
 def _popularity(seqs: list[schema.Sequence], n_items: int) -> list[int]:

@@ -83,8 +83,15 @@ def test_the_command_trains_logs_validates_checkpoints_and_exports(folders, tmp_
 
 @pytest.mark.parametrize(
     "more",
-    [["engine.zero_stage=0"], ["engine.zero_stage=1", "engine.precision=bf16", "optim.grad_accum=2"]],
-    ids=["zero0-fp32", "zero1-bf16-accum2"],
+    [
+        ["engine.zero_stage=0"],
+        ["engine.zero_stage=1", "engine.precision=bf16", "optim.grad_accum=2"],
+        ["engine.zero_stage=2", "engine.precision=bf16"],
+        ["engine.zero_stage=3", "engine.precision=bf16"],
+        ["engine.zero_stage=0", "engine.precision=bf16"],
+        ["engine.zero_stage=1"],
+    ],
+    ids=["zero0-fp32", "zero1-bf16-accum2", "zero2-bf16", "zero3-bf16", "zero0-bf16", "zero1-fp32"],
 )
 def test_resume_from_a_mid_run_checkpoint_gives_the_same_losses(folders, tmp_path: Path, more: list[str]) -> None:
     common = ["optim.max_steps=6", "optim.warmup_steps=2", "run.log_every=1", "run.eval_every=0"]
@@ -179,6 +186,10 @@ def test_resume_refuses_a_changed_meaning_and_allows_a_longer_run(folders, tmp_p
     assert ("resuming with changed settings: optim.max_steps 2 -> 3; run.eval_users 64 -> 8; run.log_every 5 -> 1"
             in caplog.text)  # fmt: skip
     assert sorted(losses(out)) == [2, 3]
+    # neither the AdamW kernel nor the frozen-bottom cache changes what the checkpoint means
+    more = ["optim.max_steps=4", "optim.implementation=single", "model.text.cache_frozen=false", "--resume"]
+    assert main([*base, *more]) == 0
+    assert sorted(losses(out)) == [2, 3, 4]
 
 
 def test_bad_command_lines_are_errors_not_tracebacks(folders, tmp_path: Path, capsys) -> None:
