@@ -13,8 +13,9 @@ import sys
 from collections.abc import Sequence
 from typing import get_args
 
+from finetune.config import FinetuneMode, config_help
 from pretrain.cli import add_config_arguments, add_run_arguments, run_overrides, setup_logging
-from pretrain.config import FinetuneMode, config_help, to_dict
+from pretrain.configlib import to_dict
 
 DESCRIPTION = """\
 Transfer a pretrained model (python -m pretrain's run.out_dir/model) to target domains. The model is rebuilt from
@@ -105,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(to_dict(cfg), indent=2))
             return 0
         setup_logging()
-        from pretrain.engine import shutdown
+        from pretrain.distributed import shutdown
 
         from .run import finetune
 

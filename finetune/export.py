@@ -25,10 +25,13 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from pretrain.config import TrainConfig, from_dict, to_dict
+from pretrain.config import TrainConfig
+from pretrain.configlib import to_dict
+from pretrain.distributed import rank
 from pretrain.model import Catalog, Recommender
 from pretrain.outputs import rank0_folder, tensor_bytes
 
+from .config import FinetuneTrainConfig, from_dict
 from .modes import lora_layers, merge_lora
 from .transfer import Source, is_fresh, prepare_model
 
@@ -36,10 +39,6 @@ FORMAT = "momrec-finetuned"
 VERSION = 1
 DOC = "finetuned.json"
 WEIGHTS = "adapter_model.safetensors"
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def saved_names(model: nn.Module, pretrained: bool, fresh: Sequence[str] = ()) -> list[str]:
@@ -67,7 +66,12 @@ def _gathered(engine: Any, params: list[nn.Parameter]) -> Iterator[None]:
 
 
 def save_finetuned(
-    model: nn.Module, cfg: TrainConfig, catalog: Catalog, source: Source | None, folder: str | Path, engine: Any = None
+    model: nn.Module,
+    cfg: FinetuneTrainConfig,
+    catalog: Catalog,
+    source: Source | None,
+    folder: str | Path,
+    engine: Any = None,
 ) -> Path:
     """Write ``folder`` (see the module docstring) from ``model`` (the engine's module when ``engine`` is given:
     every rank must call it then; rank 0 writes). Atomic: a crash leaves the previous folder or none; space-checked: a
@@ -78,7 +82,7 @@ def save_finetuned(
     params = [p for n, p in model.named_parameters() if n in wanted]
     with _gathered(engine, params):
         tensors = {}
-        if _rank() == 0:
+        if rank() == 0:
             state = model.state_dict()
             tensors = {k: state[k].detach().cpu().clone().contiguous() for k in names}
     doc = {

@@ -30,9 +30,10 @@ from typing import Any
 
 from torch import nn
 
-from pretrain.config import TrainConfig, from_dict
-from pretrain.encoders import Backbone
+from pretrain.backbone import Backbone
 from pretrain.model import Recommender
+
+from .config import FinetuneTrainConfig, from_dict
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def parameter_counts(model: nn.Module) -> dict[str, dict[str, int]]:
 # ---- LoRA ---------------------------------------------------------------------------------------------------
 
 
-def lora_targets(cfg: TrainConfig) -> dict[str, list[str]]:
+def lora_targets(cfg: FinetuneTrainConfig) -> dict[str, list[str]]:
     """``{"text" | "image" | "user": module-name suffixes}`` for LoRA: finetune.lora_*_targets, or the defaults
     of each architecture; enabled encoders only."""
     ft, model = cfg.finetune, cfg.model
@@ -145,7 +146,7 @@ def _in_top_blocks(backbone: Backbone, names: list[str], k: int, part: str) -> l
     return [n for n in names if id(backbone.model.get_submodule(n)) in top]
 
 
-def add_lora(model: Recommender, cfg: TrainConfig) -> dict[str, list[str]]:
+def add_lora(model: Recommender, cfg: FinetuneTrainConfig) -> dict[str, list[str]]:
     """Inject PEFT LoRA layers (adapter 'default') into each part's host module; returns the adapted layer names
     per part (full names in the host, which PEFT then matches exactly; finetune.lora_top_layers keeps those of the
     item backbones' last blocks). In a host, only the LoRA weights train afterwards (PEFT freezes the rest of it)."""
@@ -201,7 +202,7 @@ def lora_layers(model: nn.Module) -> dict[str, list[str]]:
 # ---- the mode -----------------------------------------------------------------------------------------------
 
 
-def apply_mode(model: Recommender, cfg: TrainConfig) -> dict[str, list[str]]:
+def apply_mode(model: Recommender, cfg: FinetuneTrainConfig) -> dict[str, list[str]]:
     """Set what trains beyond the item backbones (whose part the config already set, :func:`mode_overrides`):
     the user encoder trains in 'full', 'frozen' and 'top', LoRA is added in 'lora'. Returns the LoRA-adapted
     layers per part ({} outside 'lora')."""

@@ -20,18 +20,21 @@ import copy
 import json
 import logging
 import os
-import resource
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pretrain.config import TrainConfig, deep_merge, load_config
+from pretrain.config import TrainConfig
+from pretrain.configlib import deep_merge
+from pretrain.distributed import init_distributed, rank
 from pretrain.lock import rank0_lock
 from pretrain.model import Catalog, Recommender
+from pretrain.runlog import RunLog, memory_gb
 from shards.subset import catalog_id
 
+from .config import check_source, load_config
 from .export import load_finetuned, save_finetuned
 from .modes import PARTS, mode_overrides
 from .transfer import Prepared, Source, prepare_model, read_export_config
@@ -64,9 +67,7 @@ def resolve_config(
     cli = [*flags, *overrides]
     if from_path is None:  # set in a file or an override: a first pass finds it (the pretrained layer lies below)
         from_path = load_config(config_files, cli, base=DEFAULTS, implied=mode_overrides).finetune.from_path
-    if not from_path:
-        raise ValueError("finetune.from_path is not set: pass --from PRETRAINED_EXPORT (a pretraining run's model/ "
-                         "folder) or --from none (no pretraining)")  # fmt: skip
+    check_source(from_path)
     base = copy.deepcopy(DEFAULTS)
     if from_path != NONE:
         pretrained = read_export_config(from_path)["config"]
@@ -75,20 +76,11 @@ def resolve_config(
     cfg = load_config(config_files, cli, base=base, implied=mode_overrides)
     if cfg.finetune.from_path != from_path:
         raise ValueError(f"--from {from_path} and finetune.from_path={cfg.finetune.from_path} disagree: give one")
-    if not cfg.data.domains:
-        raise ValueError("data.domains is empty: name the target domain folders with --data")
-    if cfg.finetune.id_embeddings is False and cfg.loss.content_id:
-        raise ValueError(f"loss.content_id ({cfg.loss.content_id}, from the pretrained run or your config) needs "
-                         "item-ID embeddings, which finetune.id_embeddings=false drops: set loss.content_id=0, or "
-                         "finetune.id_embeddings=true")  # fmt: skip
+    cfg.check_ready()
     return cfg
 
 
 # ---- the run ----------------------------------------------------------------------------------------------
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 class Finetune:
@@ -104,7 +96,7 @@ class Finetune:
         model, prepared = prepare_model(cfg, catalog, self.source)
         if self.prepared is None:
             self.prepared = prepared
-            if _rank() == 0:
+            if rank() == 0:
                 _log_prepared(cfg, prepared)
         return model
 
@@ -148,8 +140,6 @@ def finetune(cfg: TrainConfig) -> dict[str, Any]:
     """Finetune as ``cfg`` says (from :func:`resolve_config`) with the pretrain engine; returns the summary (also
     written to ``run.out_dir/summary.json``, TensorBoard and metrics.jsonl by rank 0). Rank 0 holds run.out_dir's lock
     (:mod:`pretrain.lock`) until the test results and the summary are written too."""
-    from pretrain.engine import init_distributed  # imports DeepSpeed: only when training
-
     init_distributed(cfg.engine.process_group_timeout_s)
     with rank0_lock(cfg.run.out_dir, force=cfg.run.force_unlock, what="run.out_dir"):
         return _finetune(cfg)
@@ -167,7 +157,7 @@ def _finetune(cfg: TrainConfig) -> dict[str, Any]:
     summary["test"] = evaluate_best(out / "best", cfg)
     if (out / "start").is_dir():  # zero-shot: the model finetuning started from, before any step
         summary["test_start"] = evaluate_best(out / "start", cfg, tag="start-")
-    if _rank() == 0:
+    if rank() == 0:
         _write_summary(cfg, summary)
     return summary
 
@@ -179,9 +169,9 @@ def evaluate_best(folder: Path, cfg: TrainConfig, tag: str = "") -> dict[str, fl
     domain, ``test/<domain>/full/...`` per domain when there are several; each domain's result, with every user's
     rank, also goes to ``run.out_dir/eval-<tag><domain>.json`` (as ``python -m pretrain.evaluate`` writes it). Every
     rank must call it."""
+    from pretrain.catalog import catalog_folders, valid_folders
     from pretrain.evaluate import result_document, write_json
     from pretrain.ranking import EvalOptions, evaluate_domain
-    from pretrain.validate import catalog_folders, valid_folders
 
     if not folder.is_dir():
         folder = Path(cfg.run.out_dir) / "model"
@@ -195,7 +185,7 @@ def evaluate_best(folder: Path, cfg: TrainConfig, tag: str = "") -> dict[str, fl
     for data in folders:
         domain = position[catalog_id(data)]
         evaluated = evaluate_domain(model, data, domain, cfg.data.stream, opts)
-        if _rank() == 0:  # with each user's rank, for paired comparisons (python -m pretrain.paired)
+        if rank() == 0:  # with each user's rank, for paired comparisons (python -m pretrain.paired)
             path = Path(cfg.run.out_dir) / f"eval-{tag}{evaluated.domain}.json"
             write_json(path, result_document(evaluated, folder, domain, True, opts))
         result = evaluated.metrics()
@@ -203,18 +193,21 @@ def evaluate_best(folder: Path, cfg: TrainConfig, tag: str = "") -> dict[str, fl
             metrics.update(result)
         else:
             metrics.update({f"test/{catalog.domains[domain]}/{k.removeprefix('test/')}": v for k, v in result.items()})
-    if _rank() == 0:
+    if rank() == 0:
         brief = {k: round(v, 4) for k, v in metrics.items() if k.endswith(("ndcg@10", "hr@10")) and k.count("/") <= 3}
         log.info("test (%s): %s", folder, brief)
     return metrics
 
 
 def _peak_memory_gb(metrics: dict[str, float]) -> dict[str, float | None]:
-    own_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
+    own = memory_gb()
     cuda = metrics.get("mem/cuda_max_allocated_gb")
-    if cuda is None and torch.cuda.is_available():
-        cuda = torch.cuda.max_memory_allocated() / 1e9
-    return {"peak_rss_gb": max(own_rss, metrics.get("mem/peak_rss_gb", 0.0)), "cuda_max_allocated_gb": cuda}
+    if cuda is None:
+        cuda = own.get("mem/cuda_max_allocated_gb")
+    return {
+        "peak_rss_gb": max(own["mem/peak_rss_gb"], metrics.get("mem/peak_rss_gb", 0.0)),
+        "cuda_max_allocated_gb": cuda,
+    }
 
 
 def make_summary(cfg: TrainConfig, prepared: Prepared, metrics: dict[str, float]) -> dict[str, Any]:
@@ -262,15 +255,9 @@ def summary_scalars(summary: dict[str, Any]) -> dict[str, float]:
 
 
 def _write_summary(cfg: TrainConfig, summary: dict[str, Any]) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
     out = Path(cfg.run.out_dir)
     (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    scalars = summary_scalars(summary)
-    with SummaryWriter(str(out / "tb")) as writer:
-        for tag, value in scalars.items():
-            writer.add_scalar(tag, value, summary["steps"])
-        writer.add_text("finetune/summary", "```\n" + json.dumps(summary, indent=1) + "\n```", summary["steps"])
-    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps({"step": summary["steps"], **scalars}) + "\n")
+    with RunLog(out) as runlog:  # the engine's writer closed: a second events file in tb/, rows appended
+        runlog.write(summary_scalars(summary), summary["steps"])
+        runlog.text("finetune/summary", "```\n" + json.dumps(summary, indent=1) + "\n```", summary["steps"])
     log.info("finetune summary: %s", out / SUMMARY)

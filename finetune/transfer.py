@@ -1,7 +1,7 @@
 """The model for a target domain: the pretrained architecture rebuilt on the target catalog, the pretrained weights
 loaded except the catalog-dependent ones, and the finetuning mode applied.
 
-A pretrained export (``pretrain.checkpoint.export``: ``config.json`` + ``model.safetensors``) is referred to by a
+A pretrained export (``pretrain.export.export``: ``config.json`` + ``model.safetensors``) is referred to by a
 :class:`Source`: its folder and the SHA-256 of its weights, so a finetuned model that stores only what it trained
 can check that it is rebuilt on the very weights it was trained from.
 """
@@ -18,10 +18,10 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from pretrain.checkpoint import EXPORT_CONFIG, EXPORT_WEIGHTS
 from pretrain.config import TrainConfig
+from pretrain.export import EXPORT_CONFIG, EXPORT_WEIGHTS, new_model
 from pretrain.model import Catalog, Recommender
-from shards.build import sha256_file
+from shards.writer import sha256_file
 
 from .modes import apply_mode, parameter_counts
 
@@ -150,7 +150,7 @@ class Prepared:
 def prepare_model(cfg: TrainConfig, catalog: Catalog, source: Source | None) -> tuple[Recommender, Prepared]:
     """The Recommender of ``cfg.model`` on ``catalog``, with the weights of ``source`` (None: as initialised, the
     no-pretraining control) and ``cfg.finetune.mode`` applied."""
-    model = Recommender(cfg.model, cfg.loss, catalog, image_size=cfg.data.stream.image_size)
+    model = new_model(cfg, catalog)
     transfer = None
     if source is not None:
         transfer = transfer_weights(model, source.weights(), cfg.finetune.fresh)

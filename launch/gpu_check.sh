@@ -93,11 +93,11 @@ for stage in 2 3; do
         "run.out_dir=$WORK/zero$stage"
     RUNS+=("$WORK/zero$stage")
 done
-check "$PY" launch/gpu_check.py --runs "${RUNS[@]}" "${COMMON[@]}" > "$OUTDIR/gpu_check.json"
+check "$PY" -m benchmarks.gpu_report --runs "${RUNS[@]}" "${COMMON[@]}" > "$OUTDIR/gpu_check.json"
 cat "$OUTDIR/gpu_check.json"
 
 step "6/6 the disk feature cache: every catalog encoded cold, then warm"
-check "$PY" -m pretrain.bench_cache --domains "$WORK/shards/books" "$WORK/shards/movies" \
+check "$PY" -m benchmarks.feature_cache --domains "$WORK/shards/books" "$WORK/shards/movies" \
     --config launch/configs/small_cpu.toml model.text.init=random "model.text.name_or_path=$TEXT" \
     "data.stream.text_model=$TEXT"
 

@@ -6,7 +6,7 @@
 #   NPROC=2 launch/pretrain.sh --config launch/configs/tiny.toml --resume         # continue from the latest checkpoint
 #   HOSTFILE=launch/hostfile.example NPROC=8 launch/pretrain.sh --config ...      # every node of the hostfile
 #
-#   MODULE=finetune NPROC=2 launch/pretrain.sh --from runs/x/model --data shards/target --mode lora  # finetune too
+#   MODULE=finetune NPROC=2 launch/pretrain.sh --from runs/x/model --data data/target --mode lora  # finetune too
 #   NPROC=2 launch/pretrain.sh --module finetune --from ...                       # the same (as launch/scaling.sh does)
 #
 # Arguments go to `python -m pretrain` (or $MODULE) unchanged (see `python -m pretrain --help`); the launcher appends

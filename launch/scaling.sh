@@ -4,7 +4,7 @@
 #
 #   launch/scaling.sh --config launch/studies/demo.toml                                   # after launch/demo.sh
 #   NPROC=8 launch/scaling.sh --config launch/studies/ml100k_top.toml \
-#       scaling.sources=shards/microlens-50k,shards/hm scaling.target=shards/ml-100k       # 8 GPUs per run
+#       scaling.sources=data/microlens-50k,data/hm scaling.target=data/ml-100k       # 8 GPUs per run
 #   HOSTFILE=launch/hostfile.example NPROC=8 launch/scaling.sh --config ...               # every node per run
 #
 # Arguments go to `python -m finetune.scaling` (see its --help); this script adds scaling.launcher (launch/pretrain.sh

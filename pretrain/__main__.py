@@ -13,7 +13,8 @@ import sys
 from collections.abc import Sequence
 
 from .cli import add_config_arguments, add_run_arguments, run_overrides, setup_logging
-from .config import config_help, deepspeed_config, load_config, to_dict
+from .config import config_help, load_config, to_dict
+from .ds_config import deepspeed_config
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -42,11 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.print_deepspeed:
             print(json.dumps(deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", "1"))), indent=2))
             return 0
-        if not cfg.data.domains:
-            raise ValueError("data.domains is empty: name the built domain folders to train on (in a config file, "
-                             "or data.domains=path/a,path/b)")  # fmt: skip
+        cfg.check_ready()
         setup_logging()
-        from .engine import CollectiveError, shutdown, train  # imports DeepSpeed: only when training
+        from .distributed import CollectiveError, shutdown
+        from .engine import train  # imports DeepSpeed: only when training
 
         try:
             train(cfg)

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from .feature_store import EntryInfo, feature_dir, list_entries, prune
+from .feature_prune import EntryInfo, list_entries, prune
+from .feature_store import feature_dir
 
 DAY_S = 86400.0
 DESCRIPTION = """\

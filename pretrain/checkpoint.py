@@ -1,4 +1,4 @@
-"""Checkpoints that resume exactly, and the Hugging Face-style export that finetuning loads in one call.
+"""Checkpoints that resume exactly: DeepSpeed's states with our stream position and RNGs, and what a resume may change.
 
 Layout of ``run.out_dir/checkpoints``::
 
@@ -18,15 +18,14 @@ Checkpoints assume a file system shared by all nodes (rank 0 writes the pointer 
 Before a save, every rank checks that the file system has room for another checkpoint (the latest one's size)
 and all of them stop with a clear error if any has not: a full disk is found before a half-written save.
 
-Export (``run.out_dir/model``): ``config.json`` (the resolved config and the catalog) and ``model.safetensors``
-(the full state dict, gathered across ranks under ZeRO-3); :func:`load_pretrained` rebuilds the model from them.
+The export that finetuning loads (``run.out_dir/model``) is :mod:`pretrain.export`'s.
 
 Security: no checkpoint file is ever unpickled with code-running power. Our own files are JSON and safetensors.
 DeepSpeed's own ``*.pt`` files are torch pickles, which its loader reads with ``torch.load(weights_only=False)``;
 :func:`load` swaps the engine's checkpoint engine for :class:`SafeLoads`, which reads them with
 ``torch.load(weights_only=True)`` and allows exactly the DeepSpeed classes its ZeRO 0-3 files hold
 (:data:`DEEPSPEED_SAFE_GLOBALS`): a file naming any other global (e.g. a crafted ``__reduce__`` payload) is refused
-with a :class:`ValueError` naming it, before anything in it runs. The export holds no pickle at all.
+with a :class:`ValueError` naming it, before anything in it runs.
 """
 
 from __future__ import annotations
@@ -47,21 +46,17 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from shards.build import check_free_space
+from shards.outdir import check_free_space
 from shards.stream import SequenceStream
 
-from . import reshard
+from . import distributed, reshard
 from .config import TrainConfig, from_dict, to_dict
-from .model import Catalog, Recommender
-from .outputs import rank0_folder, tensor_bytes
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE = "momrec.json"
 FORMAT = 1
-EXPORT_CONFIG = "config.json"
-EXPORT_WEIGHTS = "model.safetensors"
 _TAG = re.compile(r"step(\d{8})")
 DEEPSPEED_SAFE_GLOBALS = (
     "deepspeed.runtime.zero.config.ZeroStageEnum",
@@ -80,15 +75,6 @@ def checkpoint_dir(out_dir: str | Path) -> Path:
 
 def tag_of(step: int) -> str:
     return f"step{step:08d}"
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def _write_atomic(path: Path, data: str | bytes) -> None:
@@ -164,7 +150,7 @@ def check_resume(cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
     """Compare ``cfg`` with the config of the checkpoint it resumes (the latest in run.out_dir): a ValueError names
     every changed key that is not :func:`resumable`, with its old and new values; returns the resumable changes."""
     folder = checkpoint_dir(cfg.run.out_dir) / str(latest_tag(cfg.run.out_dir))
-    saved = from_dict(json.loads((folder / STATE).read_text(encoding="utf-8"))["config"])
+    saved = from_dict(json.loads((folder / STATE).read_text(encoding="utf-8"))["config"], type(cfg))
     changes = config_changes(saved, cfg)
     refused = {k: v for k, v in changes.items() if not resumable(k)}
     if refused:
@@ -267,7 +253,7 @@ def _write_rank_files(folder: Path, rank: int, stream: SequenceStream) -> None:
 
 
 def _write_state(folder: Path, cfg: TrainConfig, step: int) -> None:
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    world = distributed.world_size()
     doc = {"format": FORMAT, "step": step, "world_size": world, "config": to_dict(cfg)}
     _write_atomic(folder / STATE, json.dumps(doc, indent=1))
 
@@ -278,17 +264,17 @@ def _write_latest(ckpt: Path, tag: str) -> None:
 
 def save(engine: Any, cfg: TrainConfig, stream: SequenceStream, step: int, out_dir: str | Path) -> Path:
     """Every rank: DeepSpeed's checkpoint, then our state; ``latest`` moves only once all ranks are done."""
-    ckpt, tag, rank = checkpoint_dir(out_dir), tag_of(step), _rank()
+    ckpt, tag, rank = checkpoint_dir(out_dir), tag_of(step), distributed.rank()
     folder = ckpt / tag
     _check_space(engine, ckpt)
     if rank == 0 and folder.exists():
         shutil.rmtree(folder)  # left by a save that crashed before the pointer moved: start it afresh
-    _barrier()
+    distributed.barrier()
     engine.save_checkpoint(str(ckpt), tag=tag, save_latest=False)
     _write_rank_files(folder, rank, stream)
     if rank == 0:
         _write_state(folder, cfg, step)
-    _barrier()  # every rank's files are on disk
+    distributed.barrier()  # every rank's files are on disk
     if rank == 0:
         _write_latest(ckpt, tag)
         prune(ckpt, cfg.run.keep_checkpoints)
@@ -346,12 +332,12 @@ def load(engine: Any, stream: SequenceStream, out_dir: str | Path) -> int:
     stream goes on with the rest of its epoch dealt to the new ranks (:meth:`SequenceStream.load_state_dict` with
     ``regroup``); rank r takes saved rank r's RNG states, a rank beyond them states seeded from (engine.seed, step,
     rank). The global batch (per-rank batch x accumulation x ranks) changes with the world size."""
-    ckpt, tag, rank = checkpoint_dir(out_dir), latest_tag(out_dir), _rank()
+    ckpt, tag, rank = checkpoint_dir(out_dir), latest_tag(out_dir), distributed.rank()
     if tag is None:
         raise ValueError(f"no checkpoint to resume from in {ckpt}")
     folder = ckpt / tag
     state = json.loads((folder / STATE).read_text(encoding="utf-8"))
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    world = distributed.world_size()
     if state["world_size"] != world:
         return _load_moved(engine, stream, folder, state, world)
     mine = json.loads((folder / f"rank{rank:05d}.json").read_text(encoding="utf-8"))
@@ -366,7 +352,7 @@ def load(engine: Any, stream: SequenceStream, out_dir: str | Path) -> int:
 
 def _load_moved(engine: Any, stream: SequenceStream, folder: Path, state: dict[str, Any], world: int) -> int:
     """:func:`load` of a checkpoint saved by another number of ranks."""
-    rank, saved, step = _rank(), int(state["world_size"]), int(state["step"])
+    rank, saved, step = distributed.rank(), int(state["world_size"]), int(state["step"])
     if rank == 0:
         log.warning("%s was saved by %d ranks, resumed on %d: the model, optimizer and schedule are carried over, "
                     "the rest of the data stream's epoch is dealt to the new ranks (see the stream's message), and "
@@ -391,55 +377,3 @@ def _load_moved(engine: Any, stream: SequenceStream, folder: Path, state: dict[s
         random.seed(seed)
         np.random.seed(seed % 2**32)
     return step
-
-
-# ---- export ---------------------------------------------------------------------------------------------
-
-
-def gathered_state_dict(engine: Any, to_rank0_only: bool = True) -> dict[str, torch.Tensor]:
-    """The full state dict on the CPU (on rank 0 only, or on every rank); under ZeRO-3 every rank must call it:
-    the partitioned parameters are gathered inside ``deepspeed.zero.GatheredParameters`` on all ranks."""
-    module = engine.module
-    if engine.zero_optimization_stage() != 3:
-        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-    import deepspeed  # already imported by the engine (with its accelerator chosen)
-
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-        if to_rank0_only and _rank() != 0:
-            return {}
-        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
-def export(engine: Any, cfg: TrainConfig, catalog: Catalog, folder: str | Path) -> Path:
-    """Write ``folder/config.json`` and ``folder/model.safetensors`` (rank 0; every rank must call it)."""
-    folder = Path(folder)
-    state = gathered_state_dict(engine, to_rank0_only=True)
-    doc = {"format": "momrec-pretrained", "version": FORMAT, "config": to_dict(cfg), "catalog": catalog.to_dict()}
-    text = json.dumps(doc, indent=1) + "\n"
-    with rank0_folder(folder, tensor_bytes(state) + len(text), f"the export {folder}") as tmp:  # space-checked
-        if tmp is not None:
-            safetensors.torch.save_file(state, str(tmp / EXPORT_WEIGHTS), metadata={"format": "pt"})
-            (tmp / EXPORT_CONFIG).write_text(text, encoding="utf-8")
-    return folder
-
-
-def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Recommender, TrainConfig, Catalog]:
-    """The exported model (eval mode), its config and catalog; every weight must match the config's model."""
-    folder = Path(folder)
-    try:
-        doc = json.loads((folder / EXPORT_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{folder}: not a momrec export ({e})") from None
-    if doc.get("format") != "momrec-pretrained":
-        raise ValueError(f"{folder / EXPORT_CONFIG}: not a momrec export (format {doc.get('format')!r})")
-    cfg, catalog = from_dict(doc["config"]), Catalog.from_dict(doc["catalog"])
-    model = Recommender(cfg.model, cfg.loss, catalog, image_size=cfg.data.stream.image_size)
-    state = safetensors.torch.load_file(str(folder / EXPORT_WEIGHTS))
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"{folder / EXPORT_WEIGHTS} does not fit its config: missing {missing}, unexpected {unexpected}"
-        )
-    model.load_state_dict(state, strict=True)
-    return model.to(device).eval(), cfg, catalog

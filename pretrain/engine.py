@@ -1,8 +1,8 @@
-"""The training engine: distributed setup, the DeepSpeed ZeRO engine around the Recommender, and the loop.
+"""The training engine: build the DeepSpeed ZeRO engine around the model, train, and the loop with early stopping.
 
-One code path for every setting: one CPU process without a launcher (RANK etc. defaulted here), several processes
-of one machine or many nodes (the ``deepspeed`` launcher or ``torchrun`` set RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR, MASTER_PORT). On CPU, DeepSpeed's ``cpu`` accelerator with gloo; on GPUs, NCCL. A step is
+One code path for every setting: one CPU process without a launcher, several processes of one machine or many
+nodes (the ``deepspeed`` launcher or ``torchrun``); the process group is :mod:`pretrain.distributed`'s, the
+optimizer and schedule :mod:`pretrain.optim`'s, the metrics writer :mod:`pretrain.runlog`'s. A step is
 ``optim.grad_accum`` micro-batches on every rank; every rank yields the same number of batches per epoch
 (:class:`~shards.stream.SequenceStream`), so no rank waits in a collective the others never reach.
 
@@ -18,22 +18,15 @@ saves the trained tensors only). ``run.keep_best`` keeps the model of the best `
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import math
-import os
-import resource
-import socket
+import random
 import sys
 import time
-import warnings
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -43,209 +36,24 @@ from tqdm import tqdm
 
 from shards.collate import Batch
 from shards.inspect import check_sizes
-from shards.stream import STATS, SequenceStream
+from shards.stream import SequenceStream
 
 from . import checkpoint, lock, validate
-from .config import OptimConfig, TrainConfig, deepspeed_config, save_config, to_dict
-from .encoders import Backbone
+from .catalog import catalog_folders
+from .config import TrainConfig, save_config, to_dict
+from .distributed import Dist, GatherNegatives, collective_failures, import_deepspeed, init_distributed
+from .ds_config import deepspeed_config
+from .export import Exporter, ModelFactory, export, new_model
 from .model import Catalog
+from .optim import adamw, lr_schedule, param_groups
+from .runlog import STREAM_STATS, Meter, RunLog, logged_values, window_metrics
 
 log = logging.getLogger(__name__)
 
 BEST_METRIC = "valid/ndcg@10"
 """The validation metric of run.keep_best and run.early_stop_patience (higher is better)."""
-COUNT_KEYS = ("sequences", "positions", "items")
-"""Keys of ModelOutput.logs that are batch counts, not losses."""
-STREAM_STATS = STATS
-"""The stream's counters, summed over ranks: ``data/*`` in TensorBoard and in the end-of-run summary."""
-
-
-# ---- distributed setup ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _prefer_own_ninja() -> None:
-    """Put this interpreter's bin folder (with the ninja that DeepSpeed installs) first on PATH. DeepSpeed JIT-builds
-    its C++ comm op into one shared cache (~/.cache/torch_extensions); a process that found the system's ninja
-    (1.11 here) and one that found the venv's (1.13) hash the build commands differently, so each rebuilt the op
-    the other had built: 70-90 s per switch on 2 cores, measured when runs started with and without the venv on
-    PATH alternated."""
-    own = os.path.dirname(sys.executable)
-    if os.path.isfile(os.path.join(own, "ninja")):
-        parts = os.environ.get("PATH", "").split(os.pathsep)
-        if parts[:1] != [own]:
-            os.environ["PATH"] = os.pathsep.join([own, *(p for p in parts if p != own)])
-
-
-def import_deepspeed() -> ModuleType:
-    """DeepSpeed, with its ``cpu`` accelerator where there is no GPU (it must be chosen before the first import)."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    _prefer_own_ninja()
-    import deepspeed
-
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would drown ours
-    # DeepSpeed's ZeRO collectives call torch APIs that torch 2.13 deprecates: one warning per call otherwise
-    warnings.filterwarnings(
-        "ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated", FutureWarning
-    )
-    return deepspeed
-
-
-def init_distributed(timeout_s: float) -> Dist:
-    """Join (or, without a launcher, create) the process group: gloo on CPU, NCCL on GPUs. A process group that
-    already exists (an earlier :func:`train` in this process) is reused as it is, until :func:`shutdown`
-    (``python -m pretrain`` calls it at exit)."""
-    if "RANK" not in os.environ:  # one process, no launcher: DeepSpeed would otherwise look for MPI
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    os.environ.setdefault("LOCAL_RANK", "0")
-    deepspeed = import_deepspeed()
-    cuda = torch.cuda.is_available()
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # every device's generator too
-
-
-class GatherNegatives:
-    """``loss.gather_negatives``: every rank's item table, padded to the largest (the model's ``Gather``).
-
-    Tables differ in size across ranks and all_gather needs equal shapes, so each is padded to the largest U:
-    integer tensors (item ids) with -1, which the loss masks; floating ones with 0. Gradients flow back to the
-    local rows (``torch.distributed.nn.functional.all_gather``)."""
-
-    def __init__(self, rank: int, device: torch.device) -> None:
-        self.rank, self.device = rank, device
-
-    def _largest(self, rows: int) -> int:
-        size = torch.tensor([rows], device=self.device)
-        torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MAX)
-        return int(size)
-
-    def offset(self, rows: int) -> int:
-        return self.rank * self._largest(rows)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from torch.distributed.nn.functional import all_gather
-
-        pad = self._largest(x.shape[0]) - x.shape[0]
-        if pad:
-            fill = 0 if x.is_floating_point() else -1
-            x = torch.cat([x, x.new_full((pad, *x.shape[1:]), fill)])
-        return torch.cat(all_gather(x))
-
-
-# ---- optimizer and schedule -------------------------------------------------------------------------
-
-
-def _no_decay(name: str, param: nn.Parameter, embedding_ids: set[int]) -> bool:
-    """Biases, norm weights (1-d) and embedding tables (ID, position, token) are not decayed."""
-    return param.ndim <= 1 or id(param) in embedding_ids or "embedding" in name.rsplit(".", 1)[-1]
-
-
-def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
-    """AdamW groups of the trainable parameters: (encoder_lr for the HF backbones' own weights | lr) x (decay | no
-    decay). LoRA weights inside a backbone (finetune) are new parameters, not pretrained ones: they get lr."""
-    encoder_ids = {
-        id(p)
-        for m in model.modules()
-        if isinstance(m, Backbone)
-        for n, p in m.named_parameters()
-        if ".lora_" not in f".{n}"
-    }
-    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        lr = optim.encoder_lr if optim.encoder_lr is not None and id(param) in encoder_ids else optim.lr
-        decay = 0.0 if _no_decay(name, param, embedding_ids) else optim.weight_decay
-        groups.setdefault((lr, decay), []).append(param)
-    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
-
-
-FUSED_DEVICES = ("cpu", "cuda")
-"""Device types with torch's fused AdamW kernel (floating-point tensors; CPU since torch 2.4)."""
-FOREACH_DEVICES = ("cuda",)
-"""Device types with native foreach kernels (elsewhere torch runs foreach ops one tensor at a time)."""
-
-
-def adamw(groups: list[dict[str, Any]], optim: OptimConfig) -> torch.optim.AdamW:
-    """torch's AdamW over ``groups`` (:func:`param_groups`) with optim's rates, betas, eps and implementation.
-    Under ZeRO, DeepSpeed later points the groups at its fp32 partitions (same device type) and steps those."""
-    params = [p for g in groups for p in g["params"]]
-    devices = {p.device.type for p in params}
-    floats = all(p.is_floating_point() for p in params)
-    implementation = optim.implementation
-    if implementation == "auto":
-        fused = floats and devices <= set(FUSED_DEVICES)
-        implementation = "fused" if fused else "foreach" if devices <= set(FOREACH_DEVICES) else "single"
-    elif implementation == "fused" and not (floats and devices <= set(FUSED_DEVICES)):
-        raise ValueError(f"optim.implementation='fused' needs floating-point parameters on {FUSED_DEVICES}, got "
-                         f"{sorted(devices)}: use 'auto'")  # fmt: skip
-    kind = {"fused": True} if implementation == "fused" else {"foreach": implementation == "foreach"}
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, **kind)
-
-
-def lr_factor(step: int, *, warmup: int, max_steps: int, cosine: bool, min_ratio: float) -> float:
-    """LambdaLR factor of optimizer step ``step``: linear warm-up to 1, then cosine to min_ratio (or constant)."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    if not cosine:
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def lr_schedule(optimizer: torch.optim.Optimizer, optim: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warm-up + cosine (or constant). A partial, not a callable object: LambdaLR saves an object's ``__dict__``
-    and restores it on load, so a resumed run would keep the old max_steps; the step count is what is restored."""
-    factor = functools.partial(
-        lr_factor,
-        warmup=optim.warmup_steps,
-        max_steps=optim.max_steps,
-        cosine=optim.schedule == "cosine",
-        min_ratio=optim.min_lr_ratio,
-    )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
 
 # ---- the run ----------------------------------------------------------------------------------------
-
-ModelFactory = Callable[[TrainConfig, Catalog], nn.Module]
-"""Builds the model to train from the resolved config and the catalog of the run's domains (called on every rank
-with the same seed, before DeepSpeed wraps the model; only parameters with requires_grad are optimized)."""
-Exporter = Callable[[Any, TrainConfig, Catalog, Path], Path]
-"""Writes the engine's model into a folder: ``(engine, cfg, catalog, folder) -> folder``; every rank calls it."""
-
-
-new_recommender: ModelFactory = validate.new_model
-"""The default :data:`ModelFactory`: a freshly initialised Recommender (pretraining)."""
 
 
 @dataclass
@@ -266,33 +74,6 @@ class Best:
         return False
 
 
-class Meter:
-    """Sums of the model's logs over the micro-batches since the last log, on this rank, and the training time they
-    took: the wall time since the last log less what validations and checkpoints took (:meth:`exclude`), so the
-    throughput after a validation is the training's."""
-
-    def __init__(self) -> None:
-        self.restart()
-
-    def restart(self) -> None:
-        self.sums: Counter = Counter()
-        self.micro_batches = 0
-        self.start = time.perf_counter()
-        self.excluded = 0.0
-
-    def add(self, logs: dict[str, float]) -> None:
-        self.sums.update(logs)
-        self.micro_batches += 1
-
-    def exclude(self, seconds: float) -> None:
-        """Leave ``seconds`` of other work (a validation, a checkpoint) out of the training time."""
-        self.excluded += seconds
-
-    def elapsed(self) -> float:
-        """Training seconds since the last log (never 0)."""
-        return max(time.perf_counter() - self.start - self.excluded, 1e-9)
-
-
 @dataclass
 class Run:
     """Everything the loop touches."""
@@ -304,10 +85,11 @@ class Run:
     catalog: Catalog
     folders: list[str]
     gather: GatherNegatives | None
-    export: Exporter = checkpoint.export
-    model_factory: ModelFactory = new_recommender
+    export: Exporter = export
+    model_factory: ModelFactory = new_model
     """What built the model: also builds the full evaluation copy under ZeRO-3 (validate.evaluation_model)."""
-    writer: Any = None  # SummaryWriter on rank 0
+    writer: RunLog | None = None
+    """The run's metrics writer, on rank 0."""
     step: int = 0
     meter: Meter = field(default_factory=Meter)
     grad_norm: float | None = None
@@ -334,6 +116,12 @@ class Run:
         return Path(self.cfg.run.out_dir)
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # every device's generator too
+
+
 def norm_buffers_to_bf16(model: nn.Module) -> None:
     """Batch-norm running statistics in bf16, like the weights: DeepSpeed casts parameters only and keeps buffers
     in fp32, and a CPU batch norm refuses bf16 weights with fp32 statistics. The model's own fp32 buffers
@@ -344,17 +132,12 @@ def norm_buffers_to_bf16(model: nn.Module) -> None:
             module.running_var.data = module.running_var.data.to(torch.bfloat16)
 
 
-def build(
-    cfg: TrainConfig,
-    dist: Dist,
-    model_factory: ModelFactory = new_recommender,
-    exporter: Exporter = checkpoint.export,
-) -> Run:
+def build(cfg: TrainConfig, dist: Dist, model_factory: ModelFactory = new_model, exporter: Exporter = export) -> Run:
     """Stream, catalog, model (from ``model_factory``), optimizer, schedule and DeepSpeed engine (same seed on
     every rank)."""
     deepspeed = import_deepspeed()
     seed_everything(cfg.engine.seed)
-    folders = validate.catalog_folders(cfg)
+    folders = catalog_folders(cfg)
     for folder in folders:  # a damaged catalog stops the run now, not at its first validation (after the training)
         check_sizes(folder, ("items",))  # (a damaged seqs shard is the stream's: counted, and the run goes on)
     stream = SequenceStream(cfg.data.domains, cfg.data.stream)
@@ -380,18 +163,15 @@ def build(
 
 
 def _open_writer(run: Run, resumed: bool) -> None:
+    """Rank 0: the run's :class:`~pretrain.runlog.RunLog`, with the resolved config as text."""
     if run.dist.rank != 0:
         return
-    from torch.utils.tensorboard import SummaryWriter
-
     # purge_step drops events a crashed run logged after the checkpoint it is resumed from
-    run.writer = SummaryWriter(str(run.out_dir / "tb"), purge_step=run.step + 1 if resumed else None)
-    run.writer.add_text("config", "```\n" + json.dumps(to_dict(run.cfg), indent=2) + "\n```", run.step)
+    run.writer = RunLog(run.out_dir, purge_step=run.step + 1 if resumed else None)
+    run.writer.text("config", "```\n" + json.dumps(to_dict(run.cfg), indent=2) + "\n```", run.step)
 
 
-def train(
-    cfg: TrainConfig, model_factory: ModelFactory = new_recommender, exporter: Exporter = checkpoint.export
-) -> dict[str, float]:
+def train(cfg: TrainConfig, model_factory: ModelFactory = new_model, exporter: Exporter = export) -> dict[str, float]:
     """Train as ``cfg`` says, the model built by ``model_factory`` and written to ``run.out_dir/model`` (and
     ``best``) by ``exporter``. Returns the last logged metrics and the run's ``run/*`` summary (:func:`summary`).
 
@@ -418,7 +198,7 @@ def _check_resume(cfg: TrainConfig, dist: Dist) -> bool:
 def _train(cfg: TrainConfig, dist: Dist, model_factory: ModelFactory, exporter: Exporter) -> dict[str, float]:
     checkpoint.check_out_dir(cfg)
     resumed = _check_resume(cfg, dist)
-    try:
+    with collective_failures(dist.rank, cfg.engine.process_group_timeout_s):
         run = build(cfg, dist, model_factory, exporter)
         if resumed:
             run.step = run.first_step = checkpoint.load(run.engine, run.stream, run.out_dir)
@@ -440,16 +220,6 @@ def _train(cfg: TrainConfig, dist: Dist, model_factory: ModelFactory, exporter: 
         # timeout while its peers wait in their next collective), and the peers' collectives fail when it is gone
         torch.distributed.barrier()
         return result
-    except RuntimeError as e:
-        if isinstance(e, torch.distributed.DistError) or any(b in str(e) for b in ("gloo", "NCCL", "Gloo")):
-            raise CollectiveError(f"rank {dist.rank}: a collective failed: another rank died or stopped responding "
-                                  f"(engine.process_group_timeout_s={cfg.engine.process_group_timeout_s:g}); see "
-                                  f"the logs of the other ranks. {str(e).strip().splitlines()[0]}") from e  # fmt: skip
-        raise
-
-
-class CollectiveError(RuntimeError):
-    """A rank died or hung: this one's collective failed, or waited past the process-group timeout."""
 
 
 def _report_data(run: Run, last: dict[str, float]) -> None:
@@ -481,25 +251,13 @@ def summary(run: Run) -> dict[str, float]:
 def restore_best(run: Run) -> None:
     """After a resume: the best validation and the validations since it, from metrics.jsonl up to the resumed
     step (rows that a crashed run logged after its checkpoint are ignored; a step logged twice counts once)."""
-    path = run.out_dir / "metrics.jsonl"
-    if not run.tracks_best or not path.is_file():
+    if not run.tracks_best:
         return
-    scores: dict[int, float] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        if BEST_METRIC in row and row["step"] <= run.step:
-            scores[row["step"]] = row[BEST_METRIC]
+    scores = logged_values(run.out_dir, BEST_METRIC, up_to=run.step)
     for step in sorted(scores):
         run.best.update(scores[step], step)
     patience = run.cfg.run.early_stop_patience
     run.stopped = patience > 0 and run.best.stale >= patience
-
-
-def shutdown() -> None:
-    """Leave the process group, through DeepSpeed so that it drops its handles too (a later :func:`train` in this
-    process then starts a new one)."""
-    if torch.distributed.is_initialized():
-        import_deepspeed().comm.destroy_process_group()
 
 
 # ---- the loop ---------------------------------------------------------------------------------------
@@ -514,7 +272,7 @@ def _epoch_batches(run: Run) -> Iterator[Batch]:
                 f"epoch {stream.epoch} has no batch: fewer sequences than data.stream.batch_size x ranks x workers"
             )
         if stream.starts_epoch and run.cfg.model.user.interest_tokens:  # not at a regrouped rest (checkpoint.load)
-            with torch.random.fork_rng(devices=_devices(run)):
+            with torch.random.fork_rng(devices=run.dist.rng_devices):
                 train_folders = run.folders[: len(run.cfg.data.domains)]
                 validate.refresh_interests(run.engine, run.cfg, train_folders, run.dist, run.model_factory)
         batches = iter(stream)
@@ -526,10 +284,6 @@ def _epoch_batches(run: Run) -> Iterator[Batch]:
             yield first
             yield from batches
         stream.set_epoch(stream.epoch + 1)
-
-
-def _devices(run: Run) -> list[int]:
-    return [run.dist.device.index or 0] if run.dist.device.type == "cuda" else []
 
 
 def loop(run: Run) -> dict[str, float]:
@@ -597,9 +351,10 @@ def _validates(cfg: TrainConfig) -> bool:
 
 def _validate(run: Run) -> dict[str, float]:
     """The quick validation of the model as it is at ``run.step``: written, logged, and tracked as a best."""
-    with torch.random.fork_rng(devices=_devices(run)):  # validation must not shift the training RNG
+    with torch.random.fork_rng(devices=run.dist.rng_devices):  # validation must not shift the training RNG
         metrics = validate.quick_validation(run.engine, run.cfg, run.folders, run.dist, run.model_factory)
-    _write(run, metrics)
+    if run.writer is not None:  # rank 0
+        run.writer.write(metrics, run.step)
     if run.dist.rank == 0:
         log.info("step %d validation: %s", run.step, _brief(metrics))
     _track_best(run, metrics)
@@ -625,67 +380,19 @@ def _brief(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith(("loss/", "valid/", "perf/seq")))
 
 
-# ---- metrics ------------------------------------------------------------------------------------------
-
-
-def _rss_gb() -> tuple[float, float]:
-    """(current, peak) resident memory of this process in GB."""
-    with open("/proc/self/statm") as f:
-        current = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return current / 1e9, peak / 1e9
-
-
-def _reduce(values: list[float], device: torch.device, op: Any) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t, op=op)
-    return t.tolist()
-
-
 def _log_train(run: Run) -> dict[str, float]:
-    """Losses averaged over micro-batches and ranks, throughput, memory and stream events: to TensorBoard."""
-    meter, engine = run.meter, run.engine
-    loss_keys = sorted(k for k in meter.sums if k not in COUNT_KEYS)
-    local = [meter.sums[k] for k in loss_keys] + [meter.sums[k] for k in COUNT_KEYS] + [meter.micro_batches]
-    local += [run.stream.stats[k] for k in STREAM_STATS]
-    summed = _reduce(local, run.dist.device, torch.distributed.ReduceOp.SUM)
-    memory = list(_rss_gb())
-    if run.dist.device.type == "cuda":
-        memory.append(torch.cuda.max_memory_allocated(run.dist.device) / 1e9)
-    memory = _reduce(memory, run.dist.device, torch.distributed.ReduceOp.MAX)
-    elapsed = meter.elapsed()
-    n = len(loss_keys)
-    micro = summed[n + len(COUNT_KEYS)]
-    counts = dict(zip(COUNT_KEYS, summed[n : n + len(COUNT_KEYS)]))
-    metrics = {f"loss/{k}": v / micro for k, v in zip(loss_keys, summed[:n])}
-    scheduler = engine.lr_scheduler
-    factor = scheduler.get_last_lr()[0] / scheduler.base_lrs[0]
-    metrics["train/lr"] = factor * run.cfg.optim.lr
-    if run.cfg.optim.encoder_lr is not None:
-        metrics["train/encoder_lr"] = factor * run.cfg.optim.encoder_lr
+    """Losses averaged over micro-batches and ranks, rates, throughput, memory and stream events: written."""
+    engine, o = run.engine, run.cfg.optim
+    factor = engine.lr_scheduler.get_last_lr()[0] / engine.lr_scheduler.base_lrs[0]
+    train = {"train/lr": factor * o.lr}
+    if o.encoder_lr is not None:
+        train["train/encoder_lr"] = factor * o.encoder_lr
     grad_norm = run.grad_norm if run.own_grad_norm else engine.get_global_grad_norm()
     if grad_norm is not None:
-        metrics["train/grad_norm"] = float(grad_norm)
-    metrics["perf/sequences_per_s"] = counts["sequences"] / elapsed
-    metrics["perf/items_encoded_per_s"] = counts["items"] / elapsed
-    metrics["perf/dedup_saved"] = 1 - counts["items"] / max(counts["positions"], 1)
-    metrics["mem/rss_gb"], metrics["mem/peak_rss_gb"] = memory[0], memory[1]
-    if len(memory) > 2:
-        metrics["mem/cuda_max_allocated_gb"] = memory[2]
-    stats = summed[n + len(COUNT_KEYS) + 1 :]
-    metrics.update({f"data/{k}": v for k, v in zip(STREAM_STATS, stats)})
+        train["train/grad_norm"] = float(grad_norm)
+    metrics = window_metrics(run.meter, run.stream.stats, run.dist.device, train)
     metrics["train/epoch"] = float(run.stream.epoch)
-    _write(run, metrics)
-    meter.restart()
+    if run.writer is not None:  # rank 0
+        run.writer.write(metrics, run.step)
+    run.meter.restart()
     return metrics
-
-
-def _write(run: Run, metrics: dict[str, float]) -> None:
-    """Rank 0: TensorBoard scalars and one JSON line (exact floats) in metrics.jsonl."""
-    if run.dist.rank != 0:
-        return
-    for tag, value in metrics.items():
-        run.writer.add_scalar(tag, value, run.step)
-    run.writer.flush()
-    with open(run.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps({"step": run.step, **metrics}) + "\n")

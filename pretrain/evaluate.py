@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import logging
 import os
@@ -22,15 +21,17 @@ import torch
 from shards import schema
 from shards.errors import InputError
 
-from .checkpoint import EXPORT_CONFIG, EXPORT_WEIGHTS, load_pretrained
+from .catalog import ENCODE_CHUNK
 from .cli import setup_logging
+from .distributed import init_distributed, rank, shutdown
+from .export import EXPORT_CONFIG, EXPORT_WEIGHTS, load_pretrained
 from .metrics import (
     BUCKETS,
     KS,
     METRICS,
     SCORE_CHUNK,
 )
-from .ranking import ENCODE_CHUNK, SPLIT_CHOICES, DomainResult, EvalOptions, evaluate_domain, model_for_domain, ranks
+from .ranking import SPLIT_CHOICES, DomainResult, EvalOptions, evaluate_domain, model_for_domain
 
 log = logging.getLogger(__name__)
 
@@ -166,9 +167,11 @@ def run(args: argparse.Namespace) -> list[DomainResult]:
         raise InputError(f"--data names a domain twice: {names}")
     if args.out and len(names) > 1 and "{domain}" not in args.out:
         raise InputError("--out needs '{domain}' in its name when several domains are evaluated")
-    default_device, started = _init_distributed(args.timeout_s)
+    started = not torch.distributed.is_initialized()
+    dist = init_distributed(args.timeout_s, deepspeed=False)  # a group only under a launcher with several ranks
+    started = started and torch.distributed.is_initialized()
     try:
-        device = torch.device(args.device) if args.device else default_device
+        device = torch.device(args.device) if args.device else dist.device
         model, cfg, catalog = load_pretrained(folder, device)
         opts = EvalOptions(SPLIT_CHOICES[args.split], args.users, args.batch_size, args.chunk, args.encode_chunk,
                            args.sampled, args.seed, allow_partial=args.allow_partial)  # fmt: skip
@@ -180,12 +183,12 @@ def run(args: argparse.Namespace) -> list[DomainResult]:
                 log.info("%s: domain %r is not in the model's catalog: ranked by content", data, manifest.domain)
             result = evaluate_domain(domain_model, data, domain, cfg.data.stream, opts)
             results.append(result)
-            if ranks()[0] == 0:
+            if rank() == 0:
                 _report(args, folder, result, domain, in_catalog, opts)
         return results
     finally:
         if started:
-            torch.distributed.destroy_process_group()
+            shutdown()
 
 
 def _report(
@@ -197,19 +200,6 @@ def _report(
         _write_tensorboard(Path(args.tb) / result.domain, result.metrics(), args.step)
     print(format_table(result, opts.rankings))
     print(f"  -> {path}")
-
-
-def _init_distributed(timeout_s: float) -> tuple[torch.device, bool]:
-    """(this process's default device, whether a process group was started here): one under a launcher with
-    WORLD_SIZE > 1 (gloo on CPU, NCCL on GPUs), none for a single process."""
-    cuda = torch.cuda.is_available()
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
-        return torch.device("cuda" if cuda else "cpu"), False
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
-    return torch.device("cuda", local_rank) if cuda else torch.device("cpu"), True
 
 
 def main(argv: Sequence[str] | None = None) -> int:

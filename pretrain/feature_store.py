@@ -12,7 +12,7 @@ Layout::
 
 An entry's key is the sha256 of the *bottom key* (the exact bytes of the frozen stages' parameters and buffers, the
 split, the model class and config, the torch and transformers versions, the device type: see
-``pretrain.encoders.bottom_key``) and the *source key* (:class:`Source`: the domain's items shards by their
+``pretrain.backbone.bottom_key``) and the *source key* (:class:`Source`: the domain's items shards by their
 sha256, and the preprocessing: the tokenizer's full definition and max_text_len, or the image size, mean, std,
 PIL version and ``shards.transforms.TRANSFORM_VERSION``). Whatever changes the bottom's output makes a new entry;
 nothing is ever rewritten in place.
@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import os
-import struct
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -40,29 +39,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 
 from shards import schema
-from shards.stream import StreamConfig
+from shards.stream_config import StreamConfig
 from shards.subset import catalog_id
+
+from .feature_files import (
+    ENTRY_FILE,
+    FORMAT,
+    SEGMENT_GLOB,
+    CorruptSegment,
+    checksummed,
+    decode_segment,
+    segment_items,
+    write_atomic,
+)
 
 log = logging.getLogger(__name__)
 
-FORMAT = "momrec-features/1"
 ENV = "MOMREC_CACHE"
 """Root of momrec's caches; the feature store is its ``features`` folder (default root: ~/.cache/momrec)."""
 SEGMENT_BYTES = 64 << 20
 """Pending items are written as a segment once they hold this many bytes (and at every flush)."""
-ENTRY_FILE = "entry.json"
-SEGMENT_GLOB = "seg-*.safetensors"
-TMP_PREFIX = ".tmp-"
-_ZERO_DIGEST = "0" * 64
-_MAX_HEADER = 100 << 20
-
-
-class CorruptSegment(ValueError):
-    """A segment whose bytes do not match its checksum, or that is not a segment of its entry."""
 
 
 def feature_dir(setting: str) -> Path | None:
@@ -97,7 +96,7 @@ class Source:
 def tokenizer_digest(name: str) -> str:
     """sha256 of the tokenizer's full definition (a fast tokenizer's JSON: vocabulary, normalizer with its
     lower-casing, special tokens), else of its vocabulary and init arguments."""
-    from shards.collate import load_tokenizer
+    from shards.tokens import load_tokenizer
 
     tok = load_tokenizer(name)
     backend = getattr(tok, "backend_tokenizer", None)
@@ -126,89 +125,6 @@ def image_source(folder: str | Path, cfg: StreamConfig) -> Source:
     summary = {**_items_summary(folder), "image_size": cfg.image_size, "mean": list(cfg.image_mean),
                "std": list(cfg.image_std), "pil": PIL.__version__, "transform": TRANSFORM_VERSION}  # fmt: skip
     return Source(digest_of("image", summary), summary)
-
-
-# ---- segment files --------------------------------------------------------------------------------------------
-
-
-def _checksummed(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """The safetensors bytes with metadata ``sha256`` = the sha256 of those bytes with that field zeroed."""
-    data = safetensors.torch.save(tensors, metadata={**metadata, "sha256": _ZERO_DIGEST})
-    n = struct.unpack("<Q", data[:8])[0]
-    at = data.index(_ZERO_DIGEST.encode(), 8, 8 + n)
-    digest = hashlib.sha256(data).hexdigest()
-    return data[:at] + digest.encode() + data[at + 64 :]
-
-
-def _header(data: bytes, size: int | None = None) -> dict[str, Any]:
-    """The JSON header of safetensors bytes (``data`` may hold only the header; ``size``: the whole file's)."""
-    if len(data) < 8:
-        raise CorruptSegment("shorter than a safetensors header")
-    n = struct.unpack("<Q", data[:8])[0]
-    if n > _MAX_HEADER or 8 + n > (len(data) if size is None else size) or len(data) < 8 + n:
-        raise CorruptSegment("truncated header")
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptSegment(f"unreadable header ({e})") from None
-    if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
-        raise CorruptSegment("no metadata")
-    return header
-
-
-def decode_segment(data: bytes, entry_key: str) -> dict[int, torch.Tensor]:
-    """Item index -> tensor of a segment's bytes, after checking its checksum and that it belongs to the entry."""
-    meta = _header(data)["__metadata__"]
-    digest = meta.get("sha256", "")
-    if meta.get("format") != FORMAT or meta.get("entry") != entry_key or len(digest) != 64:
-        raise CorruptSegment("not a segment of this entry")
-    n = struct.unpack("<Q", data[:8])[0]
-    at = data.find(digest.encode(), 8, 8 + n)
-    if at < 0 or hashlib.sha256(data[:at] + _ZERO_DIGEST.encode() + data[at + 64 :]).hexdigest() != digest:
-        raise CorruptSegment("checksum mismatch")
-    try:
-        tensors = safetensors.torch.load(data)
-    except Exception as e:  # safetensors raises its own SafetensorError on inconsistent offsets
-        raise CorruptSegment(f"unreadable tensors ({e})") from None
-    return {_item_of(name): t for name, t in tensors.items()}
-
-
-def _item_of(name: str) -> int:
-    if not (name.startswith("i") and name[1:].isdigit()):
-        raise CorruptSegment(f"unexpected tensor {name!r}")
-    return int(name[1:])
-
-
-def segment_items(path: Path) -> list[int]:
-    """The item indices a segment's header lists (its bytes are checked when it is read)."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-        data = head + f.read(min(n, _MAX_HEADER))
-    header = _header(data, path.stat().st_size)
-    return [_item_of(name) for name in header if name != "__metadata__"]
-
-
-def write_atomic(folder: Path, name: str, data: bytes) -> Path:
-    """``folder/name`` holding ``data``, or nothing: a temporary file of this writer's own (``O_EXCL``) is written,
-    fsynced and renamed into place; the folder is fsynced so the rename survives a crash."""
-    tmp = folder / f"{TMP_PREFIX}{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, folder / name)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return folder / name
 
 
 # ---- one entry ------------------------------------------------------------------------------------------------
@@ -285,7 +201,7 @@ class Entry:
             if not (self.folder / ENTRY_FILE).is_file():
                 doc = {"format": FORMAT, "key": self.key, **self.summary, "created": time.time()}
                 write_atomic(self.folder, ENTRY_FILE, json.dumps(doc, indent=2, default=str).encode())
-            path = write_atomic(self.folder, name, _checksummed(tensors, {"format": FORMAT, "entry": self.key}))
+            path = write_atomic(self.folder, name, checksummed(tensors, {"format": FORMAT, "entry": self.key}))
         except OSError as e:
             log.warning("feature cache %s: not writable, items stay in memory only: %s", self.folder, e)
             self.writable = False
@@ -393,86 +309,3 @@ class DiskCache:
         written = sum(e.flush() for e in self.entries.values())
         self.written += written
         return written
-
-
-# ---- listing and pruning (python -m pretrain.cache) ------------------------------------------------------------
-
-STALE_TMP_S = 3600.0
-"""A temporary file older than this is a killed writer's: prune removes it."""
-
-
-@dataclass(frozen=True)
-class EntryInfo:
-    """One entry folder as ``list`` shows it."""
-
-    folder: Path
-    summary: dict[str, Any]
-    """entry.json ({} when missing or unreadable)."""
-    segments: int
-    items: int
-    """Distinct items over the segments' headers."""
-    bytes: int
-    last_used: float
-    """Newest modification time of entry.json (touched at each use) and the segments."""
-
-
-def is_entry_folder(path: Path) -> bool:
-    """A folder named like an entry (32 hex digits): the only folders prune removes."""
-    return path.is_dir() and len(path.name) == 32 and all(c in "0123456789abcdef" for c in path.name)
-
-
-def entry_info(folder: Path) -> EntryInfo:
-    try:
-        summary = json.loads((folder / ENTRY_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        summary = {}
-    items: set[int] = set()
-    segments = size = 0
-    last = 0.0
-    for path in folder.iterdir():
-        try:
-            stat = path.stat()
-        except FileNotFoundError:  # removed by a reader or writer meanwhile
-            continue
-        size += stat.st_size
-        if path.name == ENTRY_FILE or path.match(SEGMENT_GLOB):
-            last = max(last, stat.st_mtime)
-        if path.match(SEGMENT_GLOB):
-            segments += 1
-            try:
-                items.update(segment_items(path))
-            except (OSError, CorruptSegment):
-                pass  # counted in the size; a reader deletes it
-    return EntryInfo(folder, summary if isinstance(summary, dict) else {}, segments, len(items), size, last)
-
-
-def list_entries(root: Path) -> list[EntryInfo]:
-    """The entries under ``root``, most recently used first."""
-    if not root.is_dir():
-        return []
-    infos = [entry_info(p) for p in root.iterdir() if is_entry_folder(p)]
-    return sorted(infos, key=lambda info: -info.last_used)
-
-
-def prune(root: Path, older_than_s: float | None, now: float | None = None) -> tuple[list[EntryInfo], int]:
-    """Remove the entries last used more than ``older_than_s`` seconds ago (None: every entry), and killed writers'
-    temporary files; returns the entries removed and the bytes freed (temporary files included)."""
-    import shutil
-
-    now = time.time() if now is None else now
-    removed, freed = [], 0
-    for info in list_entries(root):
-        if older_than_s is None or now - info.last_used > older_than_s:
-            shutil.rmtree(info.folder, ignore_errors=True)
-            removed.append(info)
-            freed += info.bytes
-            continue
-        for tmp in info.folder.glob(f"{TMP_PREFIX}*"):
-            try:
-                stat = tmp.stat()
-            except FileNotFoundError:  # its writer renamed it meanwhile
-                continue
-            if now - stat.st_mtime > STALE_TMP_S:
-                tmp.unlink(missing_ok=True)
-                freed += stat.st_size
-    return removed, freed

@@ -129,17 +129,17 @@ def rank0_lock(folder: str | os.PathLike, *, force: bool = False, what: str = "f
     when it is refused (and none waits in a collective that rank 0 never reaches). Every rank must call it."""
     import torch
 
-    dist = torch.distributed
-    several = dist.is_initialized() and dist.get_world_size() > 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    from .distributed import rank, world_size  # torch: only where a run takes the lock
+
+    several = world_size() > 1
     path, verdict = None, [None]
-    if rank == 0:
+    if rank() == 0:
         try:
             path = acquire(folder, force=force, what=what)
         except ValueError as e:
             verdict = [str(e)]
     if several:
-        dist.broadcast_object_list(verdict, src=0)
+        torch.distributed.broadcast_object_list(verdict, src=0)
     if verdict[0] is not None:
         raise ValueError(verdict[0])
     try:

@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .distributed import all_gather_rows, world_size
+
 KS = (1, 5, 10, 20, 50)
 METRICS = ("hr", "ndcg", "mrr")
 POPULARITY_BUCKETS = ("head", "tail", "cold")
@@ -172,14 +174,13 @@ class Tally:
 
     def all_reduce(self, device: torch.device) -> None:
         """Sum over the ranks of the process group (if any)."""
-        if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        if world_size() == 1:
             return
         flat = torch.cat([self.ranks.flatten(), self.users]).to(device)
         torch.distributed.all_reduce(flat)
         flat = flat.cpu()
         self.ranks, self.users = flat[: self.ranks.numel()].view_as(self.ranks), flat[self.ranks.numel() :]
-        self.per_user = {k: [_all_gather_1d(torch.cat(v) if v else torch.zeros(0, dtype=torch.long), device)]
-                         for k, v in self.per_user.items()}  # fmt: skip
+        self.per_user = {k: [_gather_users(v, device)] for k, v in self.per_user.items()}
 
     def __add__(self, other: Tally) -> Tally:
         """The two tallies' users together (their per-user records too: add tallies of different domains only
@@ -212,14 +213,7 @@ class Tally:
         return out
 
 
-def _all_gather_1d(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Every rank's 1-D long tensor, concatenated in rank order (padded to the longest for all_gather)."""
-    world = torch.distributed.get_world_size()
-    size = torch.tensor([len(x)], device=device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    torch.distributed.all_gather(sizes, size)
-    longest = max(int(n) for n in sizes)
-    padded = torch.cat([x.to(device), x.new_zeros(longest - len(x)).to(device)])
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    torch.distributed.all_gather(parts, padded)
-    return torch.cat([p[: int(n)] for p, n in zip(parts, sizes)]).cpu()
+def _gather_users(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Every rank's per-user records (1-D long), concatenated in rank order, on the CPU."""
+    local = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    return all_gather_rows(local.to(device)).cpu()

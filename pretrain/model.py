@@ -30,8 +30,9 @@ from torch import nn
 from shards import schema
 
 from .config import LossConfig, ModelConfig
-from .encoders import ImageEncoder, TextEncoder, image_keys, item_keys
+from .encoders import ImageEncoder, TextEncoder
 from .feature_store import feature_dir, image_source, text_source
+from .frozen_cache import image_keys, item_keys
 from .fusion import build_fusion, rows_to_items
 from .interests import centroids, dpc_knn, interest_memory
 from .losses import (
@@ -155,8 +156,7 @@ class Recommender(nn.Module):
         # MISSRec interests, refreshed by refresh_interests(); -1: not computed yet (no memory is used)
         self.register_buffer("prototype_of", torch.full((n_rows,), -1, dtype=torch.long))
         self.register_buffer("interests", torch.zeros(P, D))
-        if loss.gather_negatives and self.fusion.per_modality_scores:
-            raise ValueError("loss.gather_negatives is not supported with model.fusion.kind='score'")
+        assert not (loss.gather_negatives and self.fusion.per_modality_scores), "refused by the config's check"
 
     # ---- items ----------------------------------------------------------------------------------------
 
@@ -187,8 +187,8 @@ class Recommender(nn.Module):
 
     def bind_items(self, domain: int, folder: str | Path, stream: Any) -> None:
         """Domain ``domain``'s items are read from the built folder ``folder`` with the stream config ``stream``
-        (:class:`shards.stream.StreamConfig`): their frozen-bottom outputs may then come from, and go to, the disk
-        store (model.feature_cache_dir). Without a binding a domain is cached in memory only."""
+        (:class:`shards.stream_config.StreamConfig`): their frozen-bottom outputs may then come from, and go to, the
+        disk store (model.feature_cache_dir). Without a binding a domain is cached in memory only."""
         if self.text is not None and self.text.backbone.disk is not None:
             self.text.backbone.bind_source(domain, text_source(folder, stream))
         if self.image is not None and self.image.backbone.disk is not None:
@@ -248,7 +248,7 @@ class Recommender(nn.Module):
 
     def forward(self, batch: Any, gather: Gather | None = None, items: ItemEmbeddings | None = None) -> ModelOutput:
         """The weighted objectives on a training batch (``split="train"``: every position predicts the next).
-        ``items``: the batch's table already encoded (pretrain.bench encodes it without deduplication)."""
+        ``items``: the batch's table already encoded (benchmarks.dedup encodes it without deduplication)."""
         items = self.encode_items(batch) if items is None else items
         states_BLD = self._states(batch, items)
         weights, T = self.loss_cfg.weights(), self.loss_cfg.temperature

@@ -17,6 +17,8 @@ import torch
 
 from shards.outdir import atomic_folder
 
+from .distributed import rank, world_size
+
 SAFETENSORS_ENTRY_BYTES = 256
 """A tensor's entry in a safetensors header (name, dtype, shape, offsets), at most for our names."""
 
@@ -32,10 +34,10 @@ def rank0_folder(folder: Path, needed: int, what: str) -> Iterator[Path | None]:
     when the block ends; None on the other ranks. Every rank must enter it; every rank raises alike when rank 0
     could not write (ValueError; rank 0's own other errors are re-raised there, and a ValueError on the others)."""
     dist = torch.distributed
-    several = dist.is_initialized() and dist.get_world_size() > 1
+    several = world_size() > 1
     verdict: list[str | None] = [None]
     failure: ValueError | None = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if rank() == 0:
         try:
             with atomic_folder(folder, needed, what) as tmp:
                 yield tmp

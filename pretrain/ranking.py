@@ -2,7 +2,8 @@
 
 The project's one ranking implementation: this command and the engine's quick validation
 (:func:`pretrain.validate.quick_validation`) both run :func:`evaluate_domain`; the rank rule, the metrics and the
-buckets are defined in :mod:`pretrain.metrics`.
+buckets are defined in :mod:`pretrain.metrics`, the encoded catalog in :mod:`pretrain.catalog`, the held-out users
+in :mod:`pretrain.heldout`.
 
 Per domain and split (``valid``: history seq[:-2], target seq[-2]; ``test``: history seq[:-1], target seq[-1]):
 
@@ -37,15 +38,11 @@ Shape legend::
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
-import math
-import random
-import tarfile
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,13 +50,14 @@ from typing import Any
 import torch
 
 from shards import schema
-from shards.collate import ItemTable, Split, collate_items, split_example, warn_once
 from shards.errors import InputError
-from shards.inspect import read_shard
-from shards.progress import bar
-from shards.stream import StreamConfig, TarErrors
+from shards.stream_config import Split, StreamConfig
 
+from . import distributed
+from .catalog import ENCODE_CHUNK, EncodedCatalog, encode_catalog_content, map_fields, select
 from .config import TrainConfig
+from .export import new_model
+from .heldout import HeldOut, held_out_users, padded, user_batch
 from .metrics import (
     SCORE_CHUNK,
     Tally,
@@ -72,342 +70,21 @@ from .model import Catalog, ItemEmbeddings, Recommender
 
 log = logging.getLogger(__name__)
 
-ENCODE_CHUNK = 256
-"""Catalog items encoded per call."""
 SPLIT_CHOICES = {"valid": ("valid",), "test": ("test",), "both": ("valid", "test")}
 
 
-def ranks() -> tuple[int, int]:
-    """(rank, world size) of the process group, (0, 1) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-# ---- item embeddings ------------------------------------------------------------------------------------------
-
-
-def _map_fields(emb: ItemEmbeddings, fn: Callable[..., torch.Tensor], *args: Any) -> ItemEmbeddings:
-    """``fn(tensor, *args)`` on every tensor field (None stays None)."""
-    fields = {f.name: getattr(emb, f.name) for f in dataclasses.fields(emb)}
-    return ItemEmbeddings(**{name: None if x is None else fn(x, *args) for name, x in fields.items()})
-
-
-def _index(x: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
-    return x[rows]
+# ---- scores -------------------------------------------------------------------------------------------------
 
 
 def _double(x: torch.Tensor) -> torch.Tensor:
     return x.double() if x.is_floating_point() else x
 
 
-def select(emb: ItemEmbeddings, rows: torch.Tensor | slice) -> ItemEmbeddings:
-    """The rows ``rows`` of every field."""
-    return _map_fields(emb, _index, rows)
-
-
-def cat_embeddings(parts: Sequence[ItemEmbeddings]) -> ItemEmbeddings:
-    """Row-wise concatenation of encoded chunks."""
-    names = [f.name for f in dataclasses.fields(ItemEmbeddings)]
-    joined = {n: None if getattr(parts[0], n) is None else torch.cat([getattr(p, n) for p in parts]) for n in names}
-    return ItemEmbeddings(**joined)
-
-
-# ---- the catalog ---------------------------------------------------------------------------------------------
-
-
-def catalog_tables(
-    folder: str | Path, domain: int, cfg: StreamConfig, chunk: int = ENCODE_CHUNK, rank: int = 0, world: int = 1
-) -> Iterator[ItemTable]:
-    """The catalog of ``folder`` (its items shards, in order) as item tables of ``chunk`` items of ``domain``;
-    only the chunks numbered ``rank`` mod ``world`` are collated. Every rank decodes every item, so that a bad one
-    stops all ranks alike (one rank stopping alone would leave the others waiting in a collective)."""
-    manifest = schema.load_manifest(folder)
-    pending: list[tuple[int, schema.Item]] = []
-    number = 0
-    for info in manifest.item_shards:
-        for raw in _catalog_samples(Path(folder), info):
-            pending.append((domain, _catalog_item(raw, manifest.n_items)))
-            if len(pending) == chunk:
-                if number % world == rank:
-                    yield collate_items(pending, cfg)
-                pending, number = [], number + 1
-    if pending and number % world == rank:
-        yield collate_items(pending, cfg)
-
-
-def _catalog_item(raw: dict[str, Any], n_items: int) -> schema.Item:
-    """The item of an items-shard sample; one that breaks the schema (or has an index outside the catalog) is an
-    :class:`InputError`: a catalog with an item left out cannot be ranked against."""
-    try:
-        return schema.decode_item(raw, n_items=n_items)
-    except schema.SampleError as e:
-        hint = f"the catalog is incomplete (run `python -m shards verify {Path(e.shard).parent}`)"
-        raise InputError(f"{e}: {hint}") from None
-
-
-def _catalog_samples(folder: Path, info: schema.ShardInfo) -> Iterator[dict[str, Any]]:
-    """The raw samples of one items shard; a missing, truncated or corrupt shard is an :class:`InputError` naming
-    it (a catalog with items left out cannot be ranked against)."""
-    path = folder / info.name
-    if not path.is_file():
-        raise InputError(f"{path}: listed in the manifest but missing")
-    hint = f"the catalog is incomplete (run `python -m shards verify {folder}`)"
-    count = 0
-    try:
-        for raw in read_shard(path):
-            count += 1
-            yield raw
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:  # tarfile's ReadError for a truncated shard
-        problem = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-        raise InputError(f"{path}: unreadable tar content after {count} samples ({problem}): {hint}") from None
-    if count != info.samples:
-        raise InputError(f"{path}: {count} samples, the manifest says {info.samples}: {hint}")
-
-
-@dataclass
-class EncodedCatalog:
-    """A domain's whole catalog, row c = catalog index c."""
-
-    items: ItemEmbeddings
-    """As ``encode_items`` returns them (in the model's dtype, detached)."""
-    modality_C: torch.Tensor
-    """(C,) long: the item's content as stored, an index into MODALITY_BUCKETS."""
-
-
-def _gather_rows(
-    local: dict[str, torch.Tensor | None] | None, device: torch.device
-) -> dict[str, torch.Tensor | None] | None:
-    """Every rank's rows of each field, concatenated in rank order (all_gather needs equal shapes: each rank's
-    rows are padded to the largest count). ``local`` is None on a rank that encoded nothing; None if none did."""
-    world = ranks()[1]
-    if world == 1:
-        return local
-    spec = None if local is None else {k: None if v is None else (v.shape[1:], v.dtype) for k, v in local.items()}
-    specs: list[Any] = [None] * world
-    torch.distributed.all_gather_object(specs, spec)  # the field shapes, for the ranks that encoded nothing
-    spec = next((s for s in specs if s is not None), None)
-    if spec is None:
-        return None
-    count = torch.tensor([0 if local is None else len(local["rows_U"])], device=device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    torch.distributed.all_gather(counts, count)
-    sizes = [int(c) for c in counts]
-    out: dict[str, torch.Tensor | None] = {}
-    for name, s in spec.items():
-        if s is None:
-            out[name] = None
-            continue
-        shape, dtype = s
-        x = torch.empty((0, *shape), dtype=dtype, device=device) if local is None else local[name]
-        x = torch.cat([x, x.new_zeros((max(sizes) - x.shape[0], *shape))])
-        parts = [torch.empty_like(x) for _ in range(world)]
-        torch.distributed.all_gather(parts, x)
-        out[name] = torch.cat([p[:n] for p, n in zip(parts, sizes)])
-    return out
-
-
-@torch.no_grad()
-def encode_catalog_content(
-    model: Recommender, folder: str | Path, domain: int, cfg: StreamConfig, chunk: int = ENCODE_CHUNK
-) -> EncodedCatalog:
-    """The whole catalog of ``folder`` (model domain ``domain``) encoded, with each item's stored modalities.
-    With a process group, every rank encodes its share of the chunks and receives all rows (every rank must call
-    it). Frozen-bottom outputs come from and go to the disk store (model.feature_cache_dir) when the model caches
-    them; rank 0 shows a progress bar and logs how many items the cache held."""
-    rank, world = ranks()
-    device = next(model.parameters()).device
-    model.bind_items(domain, folder, cfg)
-    before = model.feature_cache_stats()
-    share = _share(model.catalog.n_items[domain], chunk, rank, world)
-    parts = []
-    with bar(total=share, enabled=rank == 0, desc=f"encoding {Path(folder).name}", unit="item") as progress:
-        for table in catalog_tables(folder, domain, cfg, chunk, rank, world):
-            emb = model.encode_items(table.to(device))
-            fields = {f.name: getattr(emb, f.name) for f in dataclasses.fields(emb)}
-            fields = {k: None if v is None else v.detach() for k, v in fields.items()}
-            parts.append({**fields, "data_text": table.has_text.to(device), "data_image": table.has_image.to(device)})
-            progress.update(len(table.item_index))
-    model.flush_feature_cache()
-    if rank == 0:
-        _log_cache_use(folder, before, model.feature_cache_stats())
-    local = (
-        None if not parts else {k: None if v is None else torch.cat([p[k] for p in parts]) for k, v in parts[0].items()}
-    )
-    rows = _gather_rows(local, device)
-    if rows is None:
-        raise InputError(f"{folder}: the items shards hold no item")
-    data_text, data_image = rows.pop("data_text"), rows.pop("data_image")
-    emb = ItemEmbeddings(**rows)
-    index_C = emb.rows_U - model.domain_offset[domain]
-    n_items = model.catalog.n_items[domain]
-    if sorted(index_C.tolist()) != list(range(n_items)):
-        raise InputError(f"{folder}: the items shards do not hold exactly the {n_items} catalog items")
-    order = index_C.argsort()
-    code = torch.where(data_text, torch.where(data_image, 0, 1), torch.where(data_image, 2, 3))
-    return EncodedCatalog(select(emb, order), code[order])
-
-
-def _share(n_items: int, chunk: int, rank: int, world: int) -> int:
-    """Items in the chunks of ``rank`` (chunk number ``k`` goes to rank ``k mod world``)."""
-    return sum(min(chunk, n_items - start) for k, start in enumerate(range(0, n_items, chunk)) if k % world == rank)
-
-
-def _log_cache_use(folder: str | Path, before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> None:
-    """How this rank's frozen-bottom outputs of a catalog were obtained, per tower; nothing without a cache or when
-    they were all in memory already (a validation during training)."""
-    used = []
-    for tower, now in after.items():
-        delta = {k: v - before.get(tower, {}).get(k, 0) for k, v in now.items()}
-        if not delta["disk"] and not delta["computed"]:
-            continue
-        used.append(f"{tower}: {delta['disk']} from the disk cache, {delta['memory']} from memory, "
-                    f"{delta['computed']} computed")  # fmt: skip
-    if used:
-        log.info("catalog of %s, frozen encoder outputs (rank 0): %s", folder, "; ".join(used))
-
-
-def encode_catalog(
-    model: Recommender, folder: str | Path, domain: int, cfg: StreamConfig, chunk: int = ENCODE_CHUNK
-) -> ItemEmbeddings:
-    """The embeddings of the whole catalog of ``folder``, row c = catalog index c (see encode_catalog_content)."""
-    return encode_catalog_content(model, folder, domain, cfg, chunk).items
-
-
-# ---- held-out users ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HeldOut:
-    """One user of a split, in catalog indices."""
-
-    user: int
-    history: tuple[int, ...]
-    """What the model reads: the most recent ``max_seq_len`` items before the target."""
-    timestamps: tuple[float, ...] | None
-    seen: tuple[int, ...]
-    """Every item before the target (masked in the ranking)."""
-    target: int
-
-
-def held_out_users(
-    folder: str | Path,
-    split: Split,
-    max_seq_len: int,
-    users: int = 0,
-    seed: int = 0,
-    rank: int = 0,
-    world: int = 1,
-    counts: Counter | None = None,
-) -> Iterator[HeldOut]:
-    """The users of ``folder``'s split, every ``world``-th from the ``rank``-th: all of them in shard order, or,
-    with ``users`` > 0, the first ``users`` in a seeded order of the shards. Samples that break the schema are
-    skipped (counted in ``counts['bad_samples']``, logged once), and so is unreadable tar content (a truncated
-    shard: ``counts['tar_errors']``)."""
-    counts = Counter() if counts is None else counts
-    manifest = schema.load_manifest(folder)
-    shards = list(manifest.seq_shards)
-    if users:
-        random.Random(f"momrec-eval-users:{seed}").shuffle(shards)
-    taken = 0
-    for info in shards:
-        path = Path(folder) / info.name
-        if not path.is_file():
-            raise InputError(f"{path}: listed in the manifest but missing")
-        read = 0
-        # only item indices are held out: the item images are passed over unextracted
-        for raw in read_shard(path, TarErrors([str(path)], counts), lambda name: not schema.is_image_member(name)):
-            read += 1
-            try:
-                seq = schema.decode_seq(raw, images=False, n_items=manifest.n_items, n_users=manifest.n_users)
-            except schema.SampleError as e:
-                counts["bad_samples"] += 1
-                warn_once(log, ("eval-sample", e.shard, e.key), "skipping bad sample: %s", e)
-                continue
-            if taken % world == rank:
-                yield _held_out(seq, split, max_seq_len)
-            taken += 1
-            if taken == users:
-                return
-        if read < info.samples:  # tar reads a damaged header as the end of the archive: no error, fewer samples
-            counts["missing_samples"] += info.samples - read
-            warn_once(log, ("eval-short", str(path)), "%s: %d of the %d samples the manifest lists were read",
-                      path, read, info.samples)  # fmt: skip
-
-
-def _held_out(seq: schema.Sequence, split: Split, max_seq_len: int) -> HeldOut:
-    index = [item.index for item in seq.items]
-    model_in = split_example(0, seq, split, max_seq_len)
-    everything = split_example(0, seq, split, len(seq.seq))
-    return HeldOut(
-        user=seq.index,
-        history=tuple(index[p] for p in model_in.history),
-        timestamps=model_in.timestamps,
-        seen=tuple(index[p] for p in everything.history),
-        target=index[model_in.target],
-    )
-
-
-@dataclass
-class UserBatch:
-    """Users to rank for: the sequence fields ``Recommender.user_vectors`` reads of a :class:`shards.collate.Batch`
-    (over an item table of catalog rows), with their targets and earlier items::
-
-        item_rows    (U,)    long    catalog index of each row of the item table
-        seq          (B, L)  long    rows of the item table, chronological, right-padded with -1
-        seq_mask     (B, L)  bool
-        timestamps   (B, L)  double  nan where unknown or padded
-        user_index   (B,)    long
-        target_item  (B,)    long    catalog index of the held-out item
-        seen         (B, H)  long    catalog indices of every earlier item, -1 padded
-    """
-
-    item_rows: torch.Tensor
-    seq: torch.Tensor
-    seq_mask: torch.Tensor
-    timestamps: torch.Tensor
-    user_index: torch.Tensor
-    target_item: torch.Tensor
-    seen: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.seq.shape[0]
-
-
-def _padded(rows: Sequence[Sequence[float]], fill: float, dtype: torch.dtype) -> torch.Tensor:
-    out = torch.full((len(rows), max(1, max(len(r) for r in rows))), fill, dtype=dtype)
-    for b, r in enumerate(rows):
-        out[b, : len(r)] = torch.tensor(r, dtype=dtype)
-    return out
-
-
-def user_batch(users: Sequence[HeldOut], device: torch.device | str = "cpu") -> UserBatch:
-    """Collate held-out users (their histories over a table of the distinct items)."""
-    history_BL = _padded([u.history for u in users], -1, torch.long)
-    mask_BL = history_BL >= 0
-    item_rows_U, inverse = torch.unique(history_BL[mask_BL], return_inverse=True)
-    seq_BL = torch.full_like(history_BL, -1)
-    seq_BL[mask_BL] = inverse
-    stamps = [u.timestamps or [math.nan] * len(u.history) for u in users]
-    return UserBatch(
-        item_rows=item_rows_U.to(device),
-        seq=seq_BL.to(device),
-        seq_mask=mask_BL.to(device),
-        timestamps=_padded(stamps, math.nan, torch.float64).to(device),
-        user_index=torch.tensor([u.user for u in users], dtype=torch.long, device=device),
-        target_item=torch.tensor([u.target for u in users], dtype=torch.long, device=device),
-        seen=_padded([u.seen for u in users], -1, torch.long).to(device),
-    )
-
-
-# ---- scores -------------------------------------------------------------------------------------------------
-
-
 def _model_scores(
     model: Recommender, user_BD: torch.Tensor, catalog: ItemEmbeddings, rows: torch.Tensor | slice
 ) -> torch.Tensor:
     # float64, then rounded to float32: the same value for an item whatever the block shapes
-    return model.score(user_BD, _map_fields(select(catalog, rows), _double)).float()
+    return model.score(user_BD, map_fields(select(catalog, rows), _double)).float()
 
 
 def _pop_scores(popularity_C: torch.Tensor, users: int, rows: torch.Tensor | slice) -> torch.Tensor:
@@ -509,7 +186,7 @@ class _Ranker:
         key = [self.opts.seed, zlib.crc32(self.domain.encode()), ("valid", "test").index(split)]
         n_items = len(self.popularity_C)
         drawn = [sample_negatives(n_items, self.opts.sampled, [*u.seen, u.target], [*key, u.user]) for u in users]
-        return _padded([d.tolist() for d in drawn], -1, torch.long).to(device)
+        return padded([d.tolist() for d in drawn], -1, torch.long).to(device)
 
 
 @torch.no_grad()
@@ -537,7 +214,7 @@ def evaluate_domain(
         manifest.domain,
         opts,
     )
-    rank, world = ranks()
+    rank, world = distributed.ranks()
     counts: Counter = Counter()
     tallies = {}
     for split in opts.splits:
@@ -600,7 +277,7 @@ def model_for_domain(model: Recommender, cfg: TrainConfig, manifest: schema.Mani
         (*catalog.n_items, manifest.n_items),
         (*catalog.popularity, tuple(manifest.popularity)),
     )
-    copy = Recommender(cfg.model, cfg.loss, grown, image_size=cfg.data.stream.image_size)
+    copy = new_model(cfg, grown)
     state = model.state_dict()
     # new items have no interest prototype (-1): as the engine's validation-only domains, no interest memory
     state["prototype_of"] = torch.cat([state["prototype_of"], state["prototype_of"].new_full((manifest.n_items,), -1)])

@@ -1,4 +1,4 @@
-"""Quick validation during pretraining, MISSRec's interest refresh, and the evaluation copy of the engine's model.
+"""Validation during training: the quick validation, MISSRec's interest refresh, and the model they evaluate.
 
 The quick validation is :func:`pretrain.ranking.evaluate_domain` (the project's one ranking implementation) on
 the valid split of each validation domain, full ranking only: up to ``run.eval_users`` users per domain (the
@@ -12,7 +12,7 @@ same numbers (under ``valid/full/...``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,33 +20,24 @@ import torch
 
 from shards.subset import catalog_id
 
+from .catalog import cat_embeddings, encode_catalog, valid_folders
 from .config import TrainConfig
-from .model import Catalog, Recommender
-from .ranking import EvalOptions, Tally, cat_embeddings, encode_catalog, evaluate_domain
-
-ModelFactory = Callable[[TrainConfig, Catalog], Recommender]
-"""Builds a model from a config and a catalog (the engine's model factory)."""
+from .export import ModelFactory, gathered_state_dict, new_model
+from .metrics import Tally
+from .model import Recommender
+from .ranking import EvalOptions, evaluate_domain
 
 K = 10
 """The cut-off of the quick validation's metrics."""
 
 
-def new_model(cfg: TrainConfig, catalog: Catalog) -> Recommender:
-    """The plain Recommender of ``cfg`` (the engine's default model factory)."""
-    return Recommender(cfg.model, cfg.loss, catalog, image_size=cfg.data.stream.image_size)
-
-
 @contextlib.contextmanager
-def evaluation_model(
-    engine: Any, cfg: TrainConfig, factory: Callable[[TrainConfig, Catalog], Recommender] = new_model
-) -> Iterator[Recommender]:
+def evaluation_model(engine: Any, cfg: TrainConfig, factory: ModelFactory = new_model) -> Iterator[Recommender]:
     """The engine's model in eval mode; under ZeRO-3 a full copy (every rank), since methods other than
     ``forward`` (encode_items, score) would meet partitioned parameters: ``factory`` builds it (the engine's model
     factory, so that e.g. finetuning's LoRA layers are there) and the gathered weights are loaded into it."""
     module: Recommender = engine.module
     if engine.zero_optimization_stage() == 3:
-        from .checkpoint import gathered_state_dict
-
         state = gathered_state_dict(engine, to_rank0_only=False)
         with torch.random.fork_rng(devices=[]):  # the copy's initialisation is overwritten: keep the RNG as is
             copy = factory(cfg, module.catalog)
@@ -71,23 +62,6 @@ def refresh_interests(
         engine.module.refresh_interests(cat_embeddings(parts))
     for buffer in (engine.module.interests, engine.module.prototype_of):
         torch.distributed.broadcast(buffer, src=0)
-
-
-def catalog_folders(cfg: TrainConfig) -> list[str]:
-    """The catalog's domains: the training domains in stream order, then validation-only ones with a catalog not
-    already there (the model's domain index of a folder is the position of its catalog here; a user subset and
-    its parent share one: :func:`shards.subset.catalog_id`)."""
-    folders = list(cfg.data.domains)
-    known = {catalog_id(f) for f in folders}
-    for folder in cfg.data.valid_domains or []:
-        if (identity := catalog_id(folder)) not in known:
-            known.add(identity)
-            folders.append(folder)
-    return folders
-
-
-def valid_folders(cfg: TrainConfig) -> list[str]:
-    return list(cfg.data.domains if cfg.data.valid_domains is None else cfg.data.valid_domains)
 
 
 def quick_validation(

@@ -77,7 +77,7 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_stream(sub: argparse._SubParsersAction) -> None:
-    from .stream import SPLITS, StreamConfig
+    from .stream_config import SPLITS, StreamConfig
 
     p = sub.add_parser(
         "stream",
@@ -103,21 +103,6 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--users", type=int, default=120, help="users per domain")
     p.add_argument("--items", type=int, default=150, help="items per domain")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
-
-
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from .bench import BenchOptions
-    from .formats import FORMATS
-
-    p = sub.add_parser(
-        "bench",
-        help="measure build and streaming speed next to plain PIL decoding",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--input", default=None, help="benchmark this dataset folder instead of a synthetic domain")
-    p.add_argument("--format", default="generic", choices=sorted(FORMATS), help="layout of --input")
-    p.add_argument("--json", action="store_true", help="print the measurements as JSON")
-    add_options(p, BenchOptions)
 
 
 def _add_subset(sub: argparse._SubParsersAction) -> None:
@@ -164,18 +149,12 @@ def _run(args: argparse.Namespace) -> int:
         print("\n".join(f"wrote {f}" for f in folders))
     elif args.command == "stream":
         from .inspect import describe_batches
-        from .stream import SequenceStream, StreamConfig
+        from .stream import SequenceStream
+        from .stream_config import StreamConfig
 
         stream = SequenceStream(args.folders, options_from(args, StreamConfig))
         stream.set_epoch(args.epoch)
         print(describe_batches(stream, args.batches))
-    elif args.command == "bench":
-        from pathlib import Path
-
-        from .bench import BenchOptions
-        from .bench import main as bench
-
-        bench(options_from(args, BenchOptions), args.input and Path(args.input), args.format, args.json)
     elif args.command == "subset":
         from .inspect import summary
         from .subset import subset
@@ -208,7 +187,6 @@ def parser() -> argparse.ArgumentParser:
     _add_build(sub)
     _add_synth(sub)
     _add_stream(sub)
-    _add_bench(sub)
     _add_subset(sub)
     for name, text in (
         ("inspect", "print a built domain's summary and one decoded sample"),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import os
 from array import array
@@ -22,16 +21,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import webdataset as wds
-
 from . import __version__, schema
 from .errors import InputError, Skips
 from .formats import AUTO, RawItem, detect, open_reader
 from .images import ImageError, reencode_file
-from .outdir import atomic_folder, check_free_space  # noqa: F401  (check_free_space: imported from here by others)
+from .outdir import atomic_folder
 from .procs import die_with_parent
 from .progress import bar as progress_bar
 from .text import Template, TemplateError
+from .writer import write_shards
 
 log = logging.getLogger(__name__)
 
@@ -230,43 +228,6 @@ def _encode_one(job: tuple[Path, int, int]) -> bytes | str:
         return reencode_file(*job)
     except ImageError as e:
         return str(e)
-
-
-def write_shards(
-    folder: Path, kind: schema.ShardKind, samples: Iterable[dict], per_shard: int, total: int, progress: bool
-) -> list[dict[str, Any]]:
-    """Write samples into numbered tar files; returns the manifest's shard list."""
-    shards: list[dict[str, Any]] = []
-    writer, count = None, 0
-    bar = progress_bar(enabled=progress, total=total, desc=f"{kind} shards", unit="sample")
-    for sample in samples:
-        if writer is None:
-            name = schema.shard_name(kind, len(shards))
-            writer, count = wds.TarWriter(str(folder / name), encoder=False, mtime=0, user="momrec", group="momrec"), 0
-        writer.write(sample)
-        count += 1
-        bar.update()
-        if count == per_shard:
-            writer.close()
-            shards.append(_shard_info(folder / name, count))
-            writer = None
-    if writer is not None:
-        writer.close()
-        shards.append(_shard_info(folder / name, count))
-    bar.close()
-    return shards
-
-
-def _shard_info(path: Path, samples: int) -> dict[str, Any]:
-    return {"name": path.name, "samples": samples, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ import webdataset as wds
 from PIL import Image
 
 from . import schema
-from .build import sha256_file
 from .errors import InputError
+from .writer import sha256_file
 
 
 def read_shard(

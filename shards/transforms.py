@@ -7,7 +7,7 @@ S x S), plus an optional horizontal flip decided by a caller's RNG so augmentati
 Normalization is separate (:func:`normalize_pixels`): the stream's workers hand uint8 pixels over (a quarter of the
 bytes through worker IPC and host-to-device copies) and the training step normalizes them on its device.
 
-The uint8 path is built to cost little more than the JPEG decode itself (``python -m shards bench``): a JPEG larger
+The uint8 path is built to cost little more than the JPEG decode itself (``python -m benchmarks.stream``): a JPEG larger
 than needed is decoded at a reduced DCT scale (draft mode), resize and crop are one resampling of the crop's source
 region, and each image's pixels are copied once, straight into the batch tensor, which a DataLoader worker allocates
 in shared memory (as torch's default collate does) so that handing it to the training process copies nothing.

@@ -35,7 +35,7 @@ def one_thread():
 @pytest.fixture
 def lone_process(monkeypatch):
     """No launcher variables, DeepSpeed on the CPU, offline; the process group shut down afterwards."""
-    from pretrain.engine import shutdown
+    from pretrain.distributed import shutdown
 
     lone_env(monkeypatch)
     yield

@@ -47,7 +47,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from pretrain.config import config_help
+    from pretrain.confighelp import config_help
 
     from .config import StudyConfig, load_study
 

@@ -1,6 +1,6 @@
 """The scaling study's configuration: a ``[scaling]`` table in TOML files, ``scaling.field=value`` overrides.
 
-The same rules as the training config (:func:`pretrain.config.load_config` with this schema as its root): later
+The same rules as the training config (:func:`pretrain.configlib.load_config` with this schema as its root): later
 files win, overrides win over files, unknown keys and wrong types are errors naming the key.
 """
 
@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from pretrain.config import FinetuneMode, _check, _Section, load_config, to_dict
+from pretrain.configlib import Section, check, load_config, to_dict
+
+from ..config import FinetuneMode
 
 SETTINGS = (
     "sources",
@@ -35,7 +37,7 @@ fractions and seeds may grow: the new cells run, the finished ones are kept)."""
 
 
 @dataclass
-class ScalingConfig(_Section):
+class ScalingConfig(Section):
     """A grid of source-data fractions x target-data fractions x seeds (``python -m finetune.scaling``)."""
 
     PATH: ClassVar[str] = "scaling"
@@ -113,28 +115,28 @@ class ScalingConfig(_Section):
     second study into the same folder is refused; the lock of a dead study on this host is taken over by itself,
     but one left by a study on another host cannot be checked from here: set this once you know it is dead."""
 
-    def _validate(self) -> None:
+    def validate(self) -> None:
         for name, low_ok in (("source_fractions", True), ("target_fractions", False)):
             values = getattr(self, name)
-            _check(bool(values), f"scaling.{name}", "is empty")
-            _check(len(set(values)) == len(values), f"scaling.{name}", f"repeats a value: {values}")
+            check(bool(values), f"scaling.{name}", "is empty")
+            check(len(set(values)) == len(values), f"scaling.{name}", f"repeats a value: {values}")
             inside = all((0.0 <= v if low_ok else 0.0 < v) and v <= 1.0 for v in values)
-            _check(inside, f"scaling.{name}", f"must lie in {'[0, 1]' if low_ok else '(0, 1]'}, got {values}")
-        _check(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds), "scaling.seeds",
+            check(inside, f"scaling.{name}", f"must lie in {'[0, 1]' if low_ok else '(0, 1]'}, got {values}")
+        check(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds), "scaling.seeds",
                f"must be distinct, at least one: {self.seeds}")  # fmt: skip
-        _check(self.pretrain_epochs >= 0, "scaling.pretrain_epochs", f"must be >= 0, got {self.pretrain_epochs}")
-        _check(self.ranks >= 1, "scaling.ranks", f"must be >= 1, got {self.ranks}")
-        _check(self.retries >= 0, "scaling.retries", f"must be >= 0, got {self.retries}")
-        _check(all(self.sources), "scaling.sources", f"holds an empty folder name: {self.sources}")
+        check(self.pretrain_epochs >= 0, "scaling.pretrain_epochs", f"must be >= 0, got {self.pretrain_epochs}")
+        check(self.ranks >= 1, "scaling.ranks", f"must be >= 1, got {self.ranks}")
+        check(self.retries >= 0, "scaling.retries", f"must be >= 0, got {self.retries}")
+        check(all(self.sources), "scaling.sources", f"holds an empty folder name: {self.sources}")
 
     def check_ready(self) -> None:
         """What a run needs beyond the schema (an empty config may still print its help)."""
-        _check(bool(self.target), "scaling.target", "is not set: name the built target domain folder")
+        check(bool(self.target), "scaling.target", "is not set: name the built target domain folder")
         needs_sources = any(f > 0 for f in self.source_fractions)
-        _check(bool(self.sources) or not needs_sources, "scaling.sources",
+        check(bool(self.sources) or not needs_sources, "scaling.sources",
                "is empty but source_fractions asks for pretraining")  # fmt: skip
-        _check(bool(self.pretrain_config), "scaling.pretrain_config", "is empty: the architecture comes from it")
-        _check(bool(self.baseline_config) or not self.id_baseline, "scaling.baseline_config",
+        check(bool(self.pretrain_config), "scaling.pretrain_config", "is empty: the architecture comes from it")
+        check(bool(self.baseline_config) or not self.id_baseline, "scaling.baseline_config",
                "is empty but id_baseline is true")  # fmt: skip
 
     def settings(self) -> dict[str, Any]:
@@ -142,7 +144,7 @@ class ScalingConfig(_Section):
 
 
 @dataclass
-class StudyConfig(_Section):
+class StudyConfig(Section):
     """The schema's root: a study file holds one ``[scaling]`` table."""
 
     PATH: ClassVar[str] = ""
@@ -153,4 +155,4 @@ class StudyConfig(_Section):
 
 def load_study(paths: Sequence[str | os.PathLike], overrides: Sequence[str] = ()) -> ScalingConfig:
     """The study's config from files and ``scaling.field=value`` overrides (raises ValueError on bad input)."""
-    return load_config(paths, overrides, root=StudyConfig).scaling
+    return load_config(StudyConfig, paths, overrides).scaling

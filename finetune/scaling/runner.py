@@ -167,7 +167,7 @@ class Study:
         """A data.stream.batch_size override when the target subset holds fewer users than one global batch of the
         cell's config (the stream refuses that: e.g. SASRec's 128 on 1 % of a domain): the largest batch it fills,
         logged; none otherwise."""
-        from pretrain.config import load_config
+        from finetune.config import load_config
 
         batch = load_config(files, overrides).data.stream.batch_size
         users = sizes([target])[0]

@@ -31,7 +31,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from pretrain.checkpoint import load_pretrained
+from pretrain.export import load_pretrained
 from shards.build import BuildOptions, build
 from shards.synth import synthesize
 
@@ -91,7 +91,7 @@ def deepspeed_comm_op() -> None:
     clean machine the build takes ~2 min on 2 cores, which must not count against a launcher's time limit."""
     # through import_deepspeed: the same ninja as the runs use, so they find the op built (pretrain.engine)
     code = (
-        "from pretrain.engine import import_deepspeed; import_deepspeed(); "
+        "from pretrain.distributed import import_deepspeed; import_deepspeed(); "
         "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
     )
     done = subprocess.run(

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from shards.stream import SequenceStream, StreamConfig
+from shards.stream import SequenceStream
+from shards.stream_config import StreamConfig
 
 pytestmark = pytest.mark.dist
 

@@ -30,7 +30,8 @@ def domains(tmp_path_factory) -> dict[str, list[str]]:
 def pretrained(domains, tmp_path_factory) -> Path:
     """The export (model/ folder) of tiny.toml trained 2 steps on the source domains."""
     from pretrain.config import load_config
-    from pretrain.engine import shutdown, train
+    from pretrain.distributed import shutdown
+    from pretrain.engine import train
 
     out = tmp_path_factory.mktemp("pretrained") / "run"
     more = ("optim.max_steps=2", "optim.warmup_steps=1", "run.eval_every=0")

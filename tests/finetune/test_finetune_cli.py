@@ -211,7 +211,7 @@ def test_an_unknown_mode_is_an_argparse_error(capsys) -> None:
 
 
 def test_the_mode_benchmark_times_every_mode_side_by_side(pretrained, domains, capsys, lone_process) -> None:
-    from finetune.bench import main as bench
+    from benchmarks.finetune_modes import main as bench
 
     argv = ["--from", str(pretrained), "--data", *domains["target"], "--steps", "2", "--modes", "full", "lora",
             "lora_top1", "adapter"]  # fmt: skip
@@ -226,7 +226,7 @@ def test_the_mode_benchmark_times_every_mode_side_by_side(pretrained, domains, c
 
 
 def test_the_benchmark_gives_overrides_after_data_back_to_the_overrides() -> None:
-    from finetune.bench import parse_args
+    from benchmarks.finetune_modes import parse_args
 
     args = parse_args(["--from", "none", "--data", "a", "b", "optim.lr=0.1", "--steps", "3"])
     assert args.data == ["a", "b"] and args.overrides == ["optim.lr=0.1"] and args.steps == 3

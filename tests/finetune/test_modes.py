@@ -17,8 +17,8 @@ from finetune.modes import PARTS, part_of
 from finetune.run import resolve_config
 from finetune.transfer import CATALOG_DEPENDENT, Source, prepare_model, transfer_weights
 from pretrain.config import TrainConfig
-from pretrain.engine import param_groups
 from pretrain.model import Catalog, Recommender
+from pretrain.optim import param_groups
 from shards.stream import SequenceStream
 
 TINY = Path(__file__).resolve().parents[2] / "launch/configs/tiny.toml"

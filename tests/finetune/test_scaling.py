@@ -268,11 +268,11 @@ class Runs:
 def _killed_after_step(step: int) -> dict[str, str]:
     """The environment of a one-rank run that SIGKILLs itself after optimizer step ``step`` (the fault injection
     reads RANK when the interpreter starts, so the launcher's variables are set as a launcher would)."""
-    from pretrain.engine import _free_port
+    from pretrain.distributed import free_port
 
     path = os.pathsep.join(filter(None, [str(FAULTS), os.environ.get("PYTHONPATH")]))
     return {"PYTHONPATH": path, "MOMREC_FAULT": f"kill:train:{step}:0", "RANK": "0", "WORLD_SIZE": "1",
-            "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}  # fmt: skip
+            "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # fmt: skip
 
 
 def test_a_sweep_runs_skips_finished_cells_and_retries_failed_ones(

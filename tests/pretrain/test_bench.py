@@ -1,4 +1,4 @@
-"""pretrain.bench: the un-deduplicated batch is faithful (same loss, same gradients, same users; more rows)."""
+"""benchmarks.step, benchmarks.dedup: the un-deduplicated batch is faithful (same loss, gradients, users; more rows)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.bench import check_faithful, faithful, main, step_loss, undeduplicate
+from benchmarks.dedup import check_faithful, faithful, step_loss, undeduplicate
+from benchmarks.step import main
 from pretrain.config import load_config
 from pretrain.model import Catalog, Recommender
 from shards.collate import Batch
@@ -87,7 +88,7 @@ def test_a_missing_domain_folder_is_a_clear_error(tmp_path, capsys) -> None:
 
 
 def test_memory_accounting_counts_each_byte_once() -> None:
-    from pretrain.zero_memory import _Spans
+    from benchmarks.zero_memory import _Spans
 
     flat = torch.zeros(100)  # 400 bytes, e.g. a flat parameter buffer
     views = [flat[:30], flat[20:60]]  # overlapping views of it: 60 floats

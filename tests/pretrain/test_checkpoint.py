@@ -14,6 +14,7 @@ import torch
 
 from pretrain import checkpoint
 from pretrain.config import TrainConfig, load_config, to_dict
+from pretrain.export import load_pretrained
 
 TINY = Path(__file__).resolve().parents[2] / "launch/configs/tiny.toml"
 
@@ -81,13 +82,13 @@ def test_check_out_dir(tmp_path: Path) -> None:
 
 def test_load_pretrained_refuses_what_is_not_an_export(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a momrec export"):
-        checkpoint.load_pretrained(tmp_path)
+        load_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"format": "bert"}))
     with pytest.raises(ValueError, match="not a momrec export"):
-        checkpoint.load_pretrained(tmp_path)
+        load_pretrained(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a momrec export"):
-        checkpoint.load_pretrained(tmp_path)
+        load_pretrained(tmp_path)
 
 
 def test_load_pretrained_refuses_weights_that_do_not_fit(folders, tmp_path: Path) -> None:
@@ -100,11 +101,11 @@ def test_load_pretrained_refuses_weights_that_do_not_fit(folders, tmp_path: Path
     doc = {"format": "momrec-pretrained", "version": 1, "config": to_dict(cfg), "catalog": catalog.to_dict()}
     (tmp_path / "config.json").write_text(json.dumps(doc))
     safetensors.torch.save_file(state, str(tmp_path / "model.safetensors"))
-    loaded, _, _ = checkpoint.load_pretrained(tmp_path)
+    loaded, _, _ = load_pretrained(tmp_path)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
 
     state.pop("user.position.weight")
     state["extra"] = torch.zeros(1)
     safetensors.torch.save_file(state, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match=r"missing \['user.position.weight'\], unexpected \['extra'\]"):
-        checkpoint.load_pretrained(tmp_path)
+        load_pretrained(tmp_path)

@@ -1,5 +1,5 @@
-"""pretrain.config: defaults, precedence, errors that name the key, round trips, the derived DeepSpeed config,
-and every shipped config file."""
+"""pretrain.config (on pretrain.configlib): defaults, precedence, errors that name the key, values that follow
+another key, round trips, the derived DeepSpeed config, and every shipped config file."""
 
 from __future__ import annotations
 
@@ -9,19 +9,21 @@ from pathlib import Path
 
 import pytest
 
-from pretrain import config as C
 from pretrain.config import (
     EngineConfig,
+    ModelConfig,
     OptimConfig,
     TrainConfig,
+    UserEncoderConfig,
     config_help,
-    deepspeed_config,
     from_dict,
     load_config,
     save_config,
     to_dict,
 )
-from shards.collate import default_text_model
+from pretrain.configlib import all_keys
+from pretrain.ds_config import deepspeed_config
+from shards.stream_config import default_text_model
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "launch" / "configs" / "tiny.toml"
@@ -144,7 +146,7 @@ def test_bad_toml_names_the_file(tmp_path: Path) -> None:
     [
         (["data.stream.max_seq_len=60"], r"model\.user\.max_seq_len \(50\) must be >= data\.stream\.max_seq_len \(60"),
         (["data.stream.batch_size=0"], r"data\.stream: batch_size must be >= 1"),
-        (["model.text.name_or_path=bert-base-uncased"], r"model\.text\.name_or_path .*data\.stream\.text_model"),
+        (["data.stream.text_model=bert-base-uncased"], r"model\.text\.name_or_path .*data\.stream\.text_model"),
         (["loss.content_id=0.1"], r"loss\.content_id needs model\.user\.id_embeddings"),
         (
             ["loss.gather_negatives=true", "model.fusion.kind=score", "model.image.enabled=true"],
@@ -184,7 +186,31 @@ def test_sections_validate_when_built_in_python() -> None:
     with pytest.raises(ValueError, match=r"optim\.lr must be > 0"):
         OptimConfig(lr=0)
     with pytest.raises(ValueError, match=r"model\.user\.max_seq_len"):
-        from_dict({"model": {"user": {"max_seq_len": 10}}})
+        TrainConfig(model=ModelConfig(user=UserEncoderConfig(max_seq_len=10)))  # the stream's window stays 50
+
+
+# ---- each value in one key ------------------------------------------------------------------------------------
+
+
+def test_the_stream_follows_the_model_keys_unless_set() -> None:
+    cfg = load_config(None, ["model.user.max_seq_len=10", "model.text.name_or_path=bert-base-uncased"])
+    assert (cfg.data.stream.max_seq_len, cfg.data.stream.text_model) == (10, "bert-base-uncased")
+    assert from_dict({"model": {"user": {"max_seq_len": 10}}}).data.stream.max_seq_len == 10
+    shorter = load_config(None, ["data.stream.max_seq_len=20"])  # a shorter window than the position table
+    assert (shorter.data.stream.max_seq_len, shorter.model.user.max_seq_len) == (20, 50)
+    with pytest.raises(ValueError, match=r"set model\.user\.max_seq_len, which data\.stream\.max_seq_len follows"):
+        from_dict({"model": {"user": {"max_seq_len": 10}}, "data": {"stream": {"max_seq_len": 20}}})
+    with pytest.raises(ValueError, match=r"follows: set model\.text\.name_or_path only"):
+        load_config(None, ["data.stream.text_model=bert-base-uncased"])
+    same = load_config(None, [f"data.stream.text_model={default_text_model()}"])  # the same value: no conflict
+    assert same == TrainConfig()
+
+
+def test_a_finetune_section_in_a_pretraining_file_is_read_past(tmp_path: Path) -> None:
+    saved = to_dict(load_config(TINY)) | {"finetune": {"mode": "lora", "from_path": "x"}}  # saved before it moved
+    path = write(tmp_path, json.dumps(saved), "config.json")
+    assert load_config(path) == load_config(TINY) == from_dict(saved)
+    assert "finetune" not in to_dict(load_config(path))
 
 
 # ---- round trips ------------------------------------------------------------------------------------------
@@ -310,6 +336,7 @@ def test_tiny_is_tiny() -> None:
 
 def test_help_lists_every_key_with_its_docstring() -> None:
     text = config_help()
-    for key in C._all_keys(TrainConfig):
+    for key in all_keys(TrainConfig):
         assert re.search(rf"^  {re.escape(key)}: .+ = .+\n      \S", text, re.M) or f"[{key}]" in text, key
     assert "engine.precision: 'fp32' | 'bf16' = \"fp32\"" in text
+    assert "follows model.text.name_or_path: set that key instead" in text

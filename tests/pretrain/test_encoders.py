@@ -6,14 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from pretrain.encoders import (
-    ImageEncoder,
-    TextEncoder,
-    TokenPooling,
-    count_parameters,
-    image_keys,
-    item_keys,
-)
+from pretrain.encoders import ImageEncoder, TextEncoder, TokenPooling, count_parameters
+from pretrain.frozen_cache import image_keys, item_keys
 
 BERT = {
     "model_type": "bert",
@@ -355,7 +349,8 @@ def test_bad_arguments():
 
 
 def test_minilm_loads_offline():
-    from shards.collate import default_text_model, load_tokenizer
+    from shards.stream_config import default_text_model
+    from shards.tokens import load_tokenizer
 
     path = default_text_model()
     enc = TextEncoder(path, init="pretrained", pooling="mean", out_dim=D, trainable="top", top_layers=1).eval()

@@ -17,13 +17,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
-from pretrain import checkpoint
 from pretrain.__main__ import main
 from pretrain.config import TrainConfig, load_config
-from pretrain.engine import Meter, lr_factor, new_recommender, param_groups, train
+from pretrain.engine import train
+from pretrain.export import load_pretrained, new_model
 from pretrain.model import Catalog, Recommender
+from pretrain.optim import lr_factor, param_groups
+from pretrain.runlog import Meter
 from tests.testutil import REPO, TINY, hold_lock, other_process, tiny_overrides
 
 
@@ -76,7 +79,7 @@ def test_the_command_trains_logs_validates_checkpoints_and_exports(folders, tmp_
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step00000004", "step00000008"]
     assert json.loads((out / "config.json").read_text())["optim"]["max_steps"] == 8
 
-    model, cfg, catalog = checkpoint.load_pretrained(out / "model")
+    model, cfg, catalog = load_pretrained(out / "model")
     assert cfg.optim.max_steps == 8 and catalog == Catalog.from_folders(folders)
     assert not model.training
 
@@ -115,8 +118,8 @@ def test_resume_from_a_mid_run_checkpoint_gives_the_same_losses(folders, tmp_pat
 def test_export_equals_the_trained_weights(folders, tmp_path: Path) -> None:
     cfg = config(folders, tmp_path / "run", "optim.max_steps=2", "optim.warmup_steps=1", "run.eval_every=0")
     train(cfg)
-    model, _, _ = checkpoint.load_pretrained(tmp_path / "run/model")
-    state = checkpoint.safetensors.torch.load_file(str(tmp_path / "run/model/model.safetensors"))
+    model, _, _ = load_pretrained(tmp_path / "run/model")
+    state = safetensors.torch.load_file(str(tmp_path / "run/model/model.safetensors"))
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, state[name]), name
     fresh = Recommender(cfg.model, cfg.loss, Catalog.from_folders(folders), image_size=cfg.data.stream.image_size)
@@ -162,7 +165,7 @@ def test_a_run_locks_its_folder_refuses_a_second_and_takes_over_a_dead_ones_lock
 
     def watched(cfg: TrainConfig, catalog: Catalog) -> Recommender:
         held.append(json.loads((out / ".lock").read_text())["pid"])
-        return new_recommender(cfg, catalog)
+        return new_model(cfg, catalog)
 
     train(config(folders, out, *short), model_factory=watched)  # a run that succeeds gives it back too
     assert held == [os.getpid()] * 2 and not (out / ".lock").exists()

@@ -16,16 +16,19 @@ from typing import Any
 import pytest
 import torch
 
-from pretrain import checkpoint, ranking
+import pretrain.export
+from pretrain import catalog, ranking
+from pretrain.catalog import encode_catalog
 from pretrain.config import TrainConfig, load_config
 from pretrain.evaluate import main
 from pretrain.metrics import BUCKETS, Tally, item_buckets, rank_targets, sample_negatives, tiebreak_order
 from pretrain.model import Catalog, Recommender
 from pretrain.paired import user_metric
-from pretrain.ranking import EvalOptions, encode_catalog, evaluate_domain, model_for_domain
+from pretrain.ranking import EvalOptions, evaluate_domain, model_for_domain
 from pretrain.validate import quick_validation
 from shards import schema
-from shards.stream import SequenceStream, StreamConfig
+from shards.stream import SequenceStream
+from shards.stream_config import StreamConfig
 from tests.testutil import fork_two_ranks
 
 REPO = Path(__file__).resolve().parents[2]
@@ -239,7 +242,7 @@ def export(folders, tiny, tmp_path_factory) -> Path:
     cfg, model = tiny
     folder = tmp_path_factory.mktemp("export") / "model"
     engine = SimpleNamespace(module=model, zero_optimization_stage=lambda: 0)
-    return checkpoint.export(engine, cfg, model.catalog, folder)
+    return pretrain.export.export(engine, cfg, model.catalog, folder)
 
 
 def test_the_command_writes_json_tensorboard_and_a_table(export, folders, tmp_path: Path, capsys) -> None:
@@ -283,7 +286,7 @@ def _rank_main(rank: int, port: int, argv: list[str], log: Path) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))  # fmt: skip
     taken: dict[str, int] = {"users": 0, "chunks": 0}
-    users, tables = ranking.held_out_users, ranking.catalog_tables
+    users, tables = ranking.held_out_users, catalog.catalog_tables
 
     def counted(what: str, source: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -294,7 +297,7 @@ def _rank_main(rank: int, port: int, argv: list[str], log: Path) -> None:
 
         return wrapper
 
-    ranking.held_out_users, ranking.catalog_tables = counted("users", users), counted("chunks", tables)
+    ranking.held_out_users, catalog.catalog_tables = counted("users", users), counted("chunks", tables)
     code = main(argv)
     log.write_text(json.dumps(taken))
     os._exit(code)

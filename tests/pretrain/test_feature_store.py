@@ -14,21 +14,13 @@ import torch
 from torch import nn
 
 from pretrain import cache as cache_cli
+from pretrain.catalog import encode_catalog
 from pretrain.config import TrainConfig, load_config
 from pretrain.encoders import ImageEncoder, TextEncoder
-from pretrain.feature_store import (
-    ENTRY_FILE,
-    SEGMENT_GLOB,
-    STALE_TMP_S,
-    TMP_PREFIX,
-    Source,
-    feature_dir,
-    image_source,
-    list_entries,
-    text_source,
-)
+from pretrain.feature_files import ENTRY_FILE, SEGMENT_GLOB, TMP_PREFIX
+from pretrain.feature_prune import STALE_TMP_S, list_entries
+from pretrain.feature_store import Source, feature_dir, image_source, text_source
 from pretrain.model import Catalog, Recommender
-from pretrain.ranking import encode_catalog
 from shards import schema
 from tests.pretrain.test_encoders import BERT, IMAGE_CONFIGS, keys, pixels, texts
 from tests.testutil import TINY, fork_two_ranks
@@ -336,8 +328,8 @@ def test_a_file_as_folder_is_an_error(tmp_path, capsys):
 
 
 def test_training_fills_the_store_and_the_export_reads_it(folders, tmp_path, lone_process):
-    from pretrain import checkpoint
     from pretrain.engine import train
+    from pretrain.export import load_pretrained
     from tests.testutil import tiny_overrides
 
     store = tmp_path / "store"
@@ -358,7 +350,7 @@ def test_training_fills_the_store_and_the_export_reads_it(folders, tmp_path, lon
     assert sorted((i.summary["tower"], i.summary["source"]["domain"]) for i in infos) == [
         ("image", "books"), ("image", "movies"), ("text", "books"), ("text", "movies")]  # fmt: skip
     assert all(i.items == n_items[i.summary["source"]["domain"]] for i in infos if i.summary["tower"] == "text")
-    model, cfg, _ = checkpoint.load_pretrained(tmp_path / "run/model")
+    model, cfg, _ = load_pretrained(tmp_path / "run/model")
     encode_catalog(model, folders[0], 0, cfg.data.stream)
     assert all(s["computed"] == 0 for s in model.feature_cache_stats().values())  # the frozen bottoms did not train
 
@@ -378,7 +370,7 @@ def test_two_ranks_write_their_own_segments_and_one_process_reads_them(folders, 
     every frozen output read back (nothing new written) and gets the two ranks' numbers exactly."""
     from types import SimpleNamespace
 
-    from pretrain import checkpoint
+    import pretrain.export
     from pretrain.evaluate import main
 
     store = tmp_path / "store"
@@ -386,7 +378,7 @@ def test_two_ranks_write_their_own_segments_and_one_process_reads_them(folders, 
     torch.manual_seed(0)
     model = Recommender(cfg.model, cfg.loss, Catalog.from_folders(folders), image_size=cfg.data.stream.image_size)
     engine = SimpleNamespace(module=model, zero_optimization_stage=lambda: 0)
-    export = checkpoint.export(engine, cfg, model.catalog, tmp_path / "model")
+    export = pretrain.export.export(engine, cfg, model.catalog, tmp_path / "model")
     args = ["--model", str(export), "--data", folders[1], "--split", "test", "--encode-chunk", "8", "--timeout-s", "60"]
     argv = [*args, "--out", str(tmp_path / "two.json")]
     assert fork_two_ranks(_rank_main, lambda r: (argv,)) == [0, 0]

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.checkpoint import load_pretrained
 from pretrain.config import TrainConfig, load_config
 from pretrain.engine import train
+from pretrain.export import load_pretrained
 from pretrain.model import Catalog, Recommender
 from pretrain.ranking import EvalOptions, evaluate_domain
 from shards.stream import SequenceStream

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from pretrain.config import OptimConfig, load_config
-from pretrain.engine import adamw, build, init_distributed
+from pretrain.distributed import init_distributed
+from pretrain.engine import build
+from pretrain.optim import adamw
 from tests.testutil import TINY, tiny_overrides
 
 

@@ -1,4 +1,4 @@
-"""python -m pretrain.bench --profile: every phase of a training step is timed, and the shares add up to the step."""
+"""python -m benchmarks.step --profile: every phase of a training step is timed, and the shares add up to the step."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.bench import main
-from pretrain.profile import BUCKETS, PhaseClock
+from benchmarks.profile import BUCKETS, PhaseClock
+from benchmarks.step import main
 from tests.testutil import TINY
 
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 from reliability_support import evaluate_tests, pretrain_fixtures
 
-from pretrain import checkpoint
+import pretrain.export
 
 folders = pretrain_fixtures.folders
 
@@ -17,4 +17,4 @@ def exported(folders, tmp_path_factory) -> Path:
     cfg = evaluate_tests.tiny_config(folders)
     model = evaluate_tests.tiny_model(cfg, folders)
     engine = SimpleNamespace(module=model, zero_optimization_stage=lambda: 0)
-    return checkpoint.export(engine, cfg, model.catalog, tmp_path_factory.mktemp("export") / "model")
+    return pretrain.export.export(engine, cfg, model.catalog, tmp_path_factory.mktemp("export") / "model")

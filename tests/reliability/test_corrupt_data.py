@@ -19,7 +19,8 @@ from pretrain import evaluate
 from pretrain.__main__ import main
 from shards import schema
 from shards.inspect import read_shard
-from shards.stream import SequenceStream, StreamConfig
+from shards.stream import SequenceStream
+from shards.stream_config import StreamConfig
 from tests.testutil import TINY, tiny_overrides
 
 clean_dist_env = engine_tests.clean_dist_env  # autouse here too: in-process runs leave no launcher variables

@@ -20,9 +20,11 @@ import torch
 import webdataset as wds
 from reliability_support import engine_tests, evaluate_tests
 
+import finetune.config
+import pretrain.export
 from finetune.export import save_finetuned
-from pretrain import checkpoint
 from pretrain.__main__ import main
+from pretrain.configlib import to_dict
 from pretrain.outputs import rank0_folder
 from shards.__main__ import main as shards_main
 from shards.build import BuildOptions, build
@@ -139,12 +141,13 @@ def tiny(folders) -> tuple:
 
 def _pretrained(tiny, folder: Path) -> Path:
     cfg, model = tiny
-    return checkpoint.export(_engine(model), cfg, model.catalog, folder)
+    return pretrain.export.export(_engine(model), cfg, model.catalog, folder)
 
 
 def _finetuned(tiny, folder: Path) -> Path:
     cfg, model = tiny
-    return save_finetuned(model, cfg, model.catalog, None, folder)
+    finetune_cfg = finetune.config.from_dict(to_dict(cfg))  # the same config under finetune's root
+    return save_finetuned(model, finetune_cfg, model.catalog, None, folder)
 
 
 @pytest.mark.parametrize("write", [_pretrained, _finetuned], ids=["pretrained", "finetuned"])

@@ -18,12 +18,14 @@ import webdataset as wds
 from reliability_support import shard_fixtures
 
 from pretrain import evaluate
-from pretrain.ranking import catalog_tables, held_out_users
+from pretrain.catalog import catalog_tables
+from pretrain.heldout import held_out_users
 from shards import schema
 from shards.__main__ import main as shards_main
 from shards.errors import InputError
 from shards.inspect import read_shard
-from shards.stream import SequenceStream, StreamConfig
+from shards.stream import SequenceStream
+from shards.stream_config import StreamConfig
 
 DEEP = b"[" * 100_000 + b"]" * 100_000
 MEMBER_LIMIT = 256_000

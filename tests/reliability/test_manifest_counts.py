@@ -12,9 +12,10 @@ from pathlib import Path
 
 from reliability_support import shard_fixtures
 
-from pretrain.engine import STREAM_STATS
+from pretrain.runlog import STREAM_STATS
 from shards import schema
-from shards.stream import SequenceStream, StreamConfig
+from shards.stream import SequenceStream
+from shards.stream_config import StreamConfig
 
 CFG = StreamConfig(batch_size=2, num_workers=0, shuffle_buffer=0, image_size=16, max_text_len=16)
 

@@ -55,7 +55,8 @@ def _resave_main(rank: int, port: int, world: int, argv: list[str], out: str) ->
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))  # fmt: skip
     from pretrain.config import load_config
-    from pretrain.engine import build, init_distributed, shutdown
+    from pretrain.distributed import init_distributed, shutdown
+    from pretrain.engine import build
 
     cfg = load_config(str(TINY), argv)
     run = build(cfg, init_distributed(cfg.engine.process_group_timeout_s))

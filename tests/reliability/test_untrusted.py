@@ -18,11 +18,12 @@ import torch
 import webdataset as wds
 from reliability_support import engine_tests, shard_fixtures
 
-from pretrain import checkpoint, ranking
+from pretrain import catalog, checkpoint, heldout
 from pretrain.__main__ import main
 from shards import schema
 from shards.inspect import read_shard
-from shards.stream import SequenceStream, StreamConfig
+from shards.stream import SequenceStream
+from shards.stream_config import StreamConfig
 from tests.testutil import TINY, tiny_overrides
 
 clean_dist_env = engine_tests.clean_dist_env  # autouse here too: in-process runs leave no launcher variables
@@ -82,9 +83,9 @@ def test_a_pickle_planted_in_shards_is_never_unpickled(tmp_path: Path) -> None:
     stream = SequenceStream([dom.folder], cfg, rank=0, world_size=1)
     batches = list(stream)
     assert len(batches) == len(stream) == 3 and stream.stats["bad_samples"] == 0  # planted members are ignored
-    held_out = list(ranking.held_out_users(dom.folder, "test", max_seq_len=10))
+    held_out = list(heldout.held_out_users(dom.folder, "test", max_seq_len=10))
     assert len(held_out) == dom.n_samples
-    tables = list(ranking.catalog_tables(dom.folder, 0, cfg, chunk=8))
+    tables = list(catalog.catalog_tables(dom.folder, 0, cfg, chunk=8))
     assert sum(len(t) for t in tables) == len(dom.items)
     raw = next(read_shard(items))
     assert isinstance(raw["pyd"], bytes) and schema.decode_item(raw).index == 0  # bytes, never decoded

@@ -9,17 +9,10 @@ import pytest
 import torch
 
 from shards import schema
-from shards.collate import (
-    TEXT_CHARS_PER_TOKEN,
-    Batch,
-    Collator,
-    ItemTable,
-    collate_items,
-    load_tokenizer,
-    split_example,
-)
+from shards.collate import Batch, Collator, ItemTable, collate_items, split_example
 from shards.inspect import read_shard
-from shards.stream import StreamConfig
+from shards.stream_config import StreamConfig
+from shards.tokens import TEXT_CHARS_PER_TOKEN, load_tokenizer
 
 if TYPE_CHECKING:
     from conftest import Domain
@@ -86,14 +79,14 @@ class _SpyTokenizer:
 def test_a_huge_text_is_cut_before_the_tokenizer_sees_it(monkeypatch) -> None:
     """A 2-million-character item text reaches the tokenizer cut to max_text_len x TEXT_CHARS_PER_TOKEN
     characters (tokenized whole, a 20 MB text took 3 GB and half a minute), and still fills max_text_len tokens."""
-    import shards.collate as collate
+    import shards.tokens as tokens
 
     cfg = small_cfg()
-    spy = _SpyTokenizer(collate.load_tokenizer(cfg.text_model))
-    monkeypatch.setattr(collate, "load_tokenizer", lambda name: spy)
+    spy = _SpyTokenizer(tokens.load_tokenizer(cfg.text_model))
+    monkeypatch.setattr(tokens, "load_tokenizer", lambda name: spy)
     items = [(0, schema.Item(0, "huge", "many words " * 200_000)), (0, schema.Item(1, "small", "a short text"))]
     table = collate_items(items, cfg)
-    assert spy.longest == cfg.max_text_len * collate.TEXT_CHARS_PER_TOKEN
+    assert spy.longest == cfg.max_text_len * tokens.TEXT_CHARS_PER_TOKEN
     assert table.input_ids.shape == (2, cfg.max_text_len) and table.attention_mask[0].all()
 
 

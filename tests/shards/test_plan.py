@@ -5,7 +5,8 @@ import random
 import pytest
 
 from shards.plan import EpochPlan, ShardRef, ShardSlice, _round_robin_counts, make_plan
-from shards.stream import SequenceStream, StreamConfig
+from shards.stream import SequenceStream
+from shards.stream_config import StreamConfig
 
 
 def _round_robin(caps: list[int]) -> list[int]:

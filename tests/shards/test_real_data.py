@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 from test_build import all_samples
 
-from shards.build import BuildOptions, build, sha256_file
+from shards.build import BuildOptions, build
 from shards.formats import detect
 from shards.inspect import verify
+from shards.writer import sha256_file
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("MOMREC_DATA", REPO.parent / "shared" / "data"))

@@ -8,8 +8,9 @@ import logging
 import pytest
 import torch
 
+from shards.collate import Batch
 from shards.plan import BatchRange, regroup, rest_of_epoch
-from shards.stream import Batch, SequenceStream
+from shards.stream import SequenceStream
 from tests.shards.test_stream import small_cfg
 
 

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import itertools
 import logging
 import math
@@ -10,19 +12,13 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 
-from shards import collate, schema, stream
 from shards import plan as plan_module
-from shards.stream import (
-    Batch,
-    Collator,
-    EpochPlan,
-    SequenceStream,
-    StreamConfig,
-    _read_slice,
-    _report,
-    _TarErrors,
-    split_example,
-)
+from shards import schema, stream, stream_config
+from shards.collate import Batch, Collator, split_example
+from shards.pipeline import TarErrors, _read_slice
+from shards.plan import EpochPlan
+from shards.stream import SequenceStream, _report
+from shards.stream_config import StreamConfig
 from shards.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_image, images_to_tensor
 
 if TYPE_CHECKING:
@@ -82,11 +78,12 @@ def test_config_defaults_and_lists() -> None:
     assert cfg.shuffle_buffer == 256  # raw samples carry every item's JPEG: see the field's docstring
 
 
-def test_public_names_are_re_exported_by_stream() -> None:
-    assert stream.Batch is collate.Batch and stream.Collator is collate.Collator
-    assert stream.split_example is collate.split_example and stream.SPLITS is collate.SPLITS
-    assert stream.EpochPlan is plan_module.EpochPlan and stream.make_plan is plan_module.make_plan
-    assert stream.ShardRef is plan_module.ShardRef and set(stream.__all__) <= set(dir(stream))
+def test_the_config_is_a_leaf_and_names_live_in_one_module() -> None:
+    tree = ast.parse(inspect.getsource(stream_config))
+    ours = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module.startswith("shards")}
+    assert ours == {"shards.transforms"}  # not the stream, its plan or its collation: they all import the config
+    assert not hasattr(stream, "__all__")  # importers take a name from where it lives
+    assert not {"Collator", "Example", "split_example", "SPLITS", "ShardSlice"} & set(vars(stream))
 
 
 def _seq(n: int) -> schema.Sequence:
@@ -287,7 +284,7 @@ def test_leaving_out_much_is_a_warning(two_domains: list[Domain], caplog) -> Non
 
 
 def read_keys(shard: plan_module.ShardRef, start: int, stop: int, counts: Counter) -> list[str]:
-    return [raw["__key__"] for raw in _read_slice(plan_module.ShardSlice(shard, start, stop), _TarErrors([], counts))]
+    return [raw["__key__"] for raw in _read_slice(plan_module.ShardSlice(shard, start, stop), TarErrors([], counts))]
 
 
 def test_read_slice_gives_exactly_its_samples(make_domain) -> None:
@@ -303,8 +300,8 @@ def test_read_slice_gives_exactly_its_samples(make_domain) -> None:
 def test_a_stream_without_content_reads_no_image_and_gives_the_same_sequences(two_domains: list[Domain]) -> None:
     shard = two_domains[0].folder / schema.shard_name("seqs", 0)
     ref = plan_module.ShardRef(0, str(shard), 4)
-    whole = list(_read_slice(plan_module.ShardSlice(ref, 0, 4), _TarErrors([], Counter())))
-    lean = list(_read_slice(plan_module.ShardSlice(ref, 0, 4), _TarErrors([], Counter()), images=False))
+    whole = list(_read_slice(plan_module.ShardSlice(ref, 0, 4), TarErrors([], Counter())))
+    lean = list(_read_slice(plan_module.ShardSlice(ref, 0, 4), TarErrors([], Counter()), images=False))
     assert [r["__key__"] for r in lean] == [r["__key__"] for r in whole]
     assert any(schema.is_image_field(f) for r in whole for f in r)  # the shard has item images ...
     assert not any(schema.is_image_field(f) for r in lean for f in r)  # ... that were not read

@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import torch
 
-from shards import collate
-from shards.collate import TEXT_CHARS_PER_TOKEN, Collator, TokenMemo, load_tokenizer, split_example, token_memo
-from shards.stream import StreamConfig
+from shards import collate, tokens
+from shards.collate import Collator, split_example
+from shards.stream_config import StreamConfig
+from shards.tokens import TEXT_CHARS_PER_TOKEN, TokenMemo, load_tokenizer, token_memo
 
 if TYPE_CHECKING:
     from conftest import Domain
@@ -50,10 +51,10 @@ class CountingTokenizer:
 def counting(monkeypatch: pytest.MonkeyPatch) -> CountingTokenizer:
     """A counting tokenizer behind load_tokenizer, and empty memos before and after."""
     tokenizer = CountingTokenizer(load_tokenizer(StreamConfig().text_model))
-    monkeypatch.setattr(collate, "load_tokenizer", lambda name: tokenizer)
-    collate._token_memos.clear()
+    monkeypatch.setattr(tokens, "load_tokenizer", lambda name: tokenizer)
+    tokens._token_memos.clear()
     yield tokenizer
-    collate._token_memos.clear()
+    tokens._token_memos.clear()
 
 
 def examples_of(domains: list[Domain], users: range) -> list[collate.Example]:
@@ -102,7 +103,7 @@ def test_long_and_missing_texts_and_a_full_memo(two_domains, counting) -> None:
     long = dataclasses.replace(items[0], text="word " * 10_000)  # cut, then truncated to max_text_len tokens
     table = [(0, long), *((0, it) for it in items[1:])]
     assert any(it.text is None for _, it in table)
-    memo = TokenMemo(cfg.text_model, cfg.max_text_len, max_bytes=3 * (6 * 4 + collate._ENTRY_OVERHEAD))
+    memo = TokenMemo(cfg.text_model, cfg.max_text_len, max_bytes=3 * (6 * 4 + tokens._ENTRY_OVERHEAD))
     for _ in range(2):
         got, want = memo.encode(table), reference_texts(cfg, table)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

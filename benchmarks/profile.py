@@ -1,4 +1,4 @@
-"""``python -m pretrain.bench --profile``: where the seconds of a training step go, measured through the real engine
+"""``python -m benchmarks.step --profile``: where the seconds of a training step go, measured through the real engine
 loop (:func:`pretrain.engine.loop`, DeepSpeed, one rank) over N steps after a warm-up.
 
 The phases are timed by wrappers put around the real calls for the profile only (the loop itself carries no timing
@@ -32,10 +32,9 @@ from unittest import mock
 
 import torch
 
+from pretrain.backbone import Backbone
+from pretrain.config import TrainConfig, load_config
 from shards.collate import Collator
-
-from .config import TrainConfig, load_config
-from .encoders import Backbone
 
 BUCKETS = (
     "data wait",
@@ -124,7 +123,7 @@ class _Window:
 @contextlib.contextmanager
 def instrumented(run: Any, clock: PhaseClock, window: _Window) -> Iterator[None]:
     """The run's engine, item encoders and collator, and the loop's batch source, timed into ``clock``."""
-    from . import engine as eng
+    from pretrain import engine as eng
 
     engine = run.engine
     backbones = [m for m in engine.module.modules() if isinstance(m, Backbone)]
@@ -179,14 +178,15 @@ def profile_steps(paths: list[str], overrides: list[str], steps: int, warmup: in
     """Train ``warmup`` then ``steps`` optimizer steps of the config (:func:`profile_config`) through the engine loop
     on one rank (this process), run.out_dir a temporary folder; the seconds per step of each bucket and their
     shares of the step."""
-    from . import engine as eng
+    from pretrain import engine as eng
+    from pretrain.distributed import init_distributed
 
     if steps < 1 or warmup < 0:
         raise ValueError("--steps must be >= 1 and --warmup >= 0")
     clock = PhaseClock()
     with tempfile.TemporaryDirectory(prefix="momrec-profile-") as out:
         cfg = profile_config(paths, overrides, steps, warmup, out)
-        run = eng.build(cfg, eng.init_distributed(cfg.engine.process_group_timeout_s))
+        run = eng.build(cfg, init_distributed(cfg.engine.process_group_timeout_s))
         eng._open_writer(run, resumed=False)
         if warmup == 0:
             clock.start()

@@ -1,5 +1,5 @@
-"""``python -m pretrain.bench_cache --domains FOLDER [FOLDER ...]``: what the disk feature cache gives a process that
-encodes whole catalogs (validation, evaluation, a finetuning cell), measured in one run on one machine.
+"""``python -m benchmarks.feature_cache --domains FOLDER [FOLDER ...]``: what the disk feature cache gives a process
+that encodes whole catalogs (validation, evaluation, a finetuning cell), measured in one run on one machine.
 
 Each domain's catalog is encoded twice, each time by a fresh model (an empty in-memory cache, as a new process
 has), with the same weights: first over an empty disk store (the frozen bottoms run and their outputs are written),
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig, load_config
-from .model import Catalog, Recommender
-from .ranking import encode_catalog
+from pretrain.catalog import encode_catalog
+from pretrain.config import TrainConfig, load_config
+from pretrain.model import Catalog, Recommender
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "launch/configs/tiny.toml"
@@ -36,7 +36,7 @@ FROZEN_TOP = [
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m pretrain.bench_cache",
+        prog="python -m benchmarks.feature_cache",
         description="Encode each domain's catalog with an empty, then a warm disk feature cache (fresh models, the "
         "same weights) and print items/s of both and their ratio.",
         epilog=f"Without --config: {DEFAULT_CONFIG.relative_to(REPO)} with both towers' top layer trained and "

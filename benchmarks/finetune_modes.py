@@ -1,5 +1,5 @@
-"""``python -m finetune.bench --from EXPORT --data SHARDS [--modes full top adapter lora lora_top1 ...]``: the
-finetune modes side by side on one batch of the target, in one process (so the ratios compare like with like).
+"""``python -m benchmarks.finetune_modes --from EXPORT --data SHARDS [--modes full top adapter lora lora_top1 ...]``:
+the finetune modes side by side on one batch of the target, in one process (so the ratios compare like with like).
 
 For each mode the model is prepared as ``python -m finetune`` prepares it (pretrained weights, target catalog, the
 mode's trainable part), then trained for ``--steps`` steps with AdamW on the same batch: the first step (which
@@ -20,9 +20,8 @@ from typing import Any
 
 import torch
 
+from finetune.__main__ import add_source_arguments, split_data
 from pretrain.cli import add_config_arguments
-
-from .__main__ import add_source_arguments, split_data
 
 MODES = ("full", "top", "adapter", "lora")
 _LORA_TOP = re.compile(r"lora_top(\d+)")
@@ -40,12 +39,11 @@ def mode_layer(spec: str) -> tuple[str, list[str]]:
 
 def time_mode(source: str, data: list[str], spec: str, files: list[str], overrides: list[str], steps: int) -> dict:
     """Prepare the model of mode ``spec`` and time ``steps`` training steps on the target's first batch."""
-    from pretrain.engine import adamw, param_groups
+    from finetune.run import NONE, resolve_config
+    from finetune.transfer import Source, prepare_model
     from pretrain.model import Catalog
+    from pretrain.optim import adamw, param_groups
     from shards.stream import SequenceStream
-
-    from .run import NONE, resolve_config
-    from .transfer import Source, prepare_model
 
     mode, extra = mode_layer(spec)
     cfg = resolve_config(source, data, mode, files, [*overrides, "data.stream.num_workers=0", *extra])
@@ -85,7 +83,7 @@ def report(rows: list[dict[str, Any]]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m finetune.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.finetune_modes", description=__doc__.split("\n\n")[0])
     add_source_arguments(p, required=True)
     p.add_argument("--modes", nargs="+", default=["full", "top", "adapter", "lora", "lora_top1"],
                    help="modes to compare; lora_topK = lora with finetune.lora_top_layers=K")  # fmt: skip
@@ -98,7 +96,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.help_config:
-        from pretrain.config import config_help
+        from finetune.config import config_help
 
         print(config_help(), end="")
         return 0

@@ -1,4 +1,4 @@
-"""``python -m shards bench``: shard build and streaming speed, side by side with plain PIL decoding.
+"""``python -m benchmarks.stream``: shard build and streaming speed, side by side with plain PIL decoding.
 
 Everything is measured in one run on one machine, so the ratios compare like with like:
 
@@ -18,24 +18,31 @@ meaningful when other jobs share the cores; the wall-clock rates are printed bes
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
+import logging
 import os
+import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from . import schema
-from .build import BuildOptions, build
-from .collate import load_tokenizer
-from .inspect import read_shard
-from .stream import SequenceStream, StreamConfig
-from .synth import synthesize
-from .transforms import decode_image, images_to_tensor
+from shards import schema
+from shards.__main__ import add_options, options_from
+from shards.build import BuildOptions, build
+from shards.formats import FORMATS
+from shards.inspect import read_shard
+from shards.stream import SequenceStream
+from shards.stream_config import StreamConfig
+from shards.synth import synthesize
+from shards.tokens import load_tokenizer
+from shards.transforms import decode_image, images_to_tensor
 
 
 @dataclass(frozen=True)
@@ -178,6 +185,27 @@ def report(r: dict[str, float], opts: BenchOptions) -> str:
     return "\n".join([head] + [f"  {n:<{width}}  {v:<34} {ratio}" for n, v, ratio in rows] + [tail])
 
 
-def main(opts: BenchOptions, input_dir: Path | None, fmt: str, as_json: bool) -> None:
-    result = run(opts, input_dir, fmt)
-    print(json.dumps(result, indent=1) if as_json else report(result, opts))
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.stream",
+        description="Measure build and streaming speed next to plain PIL decoding.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--input", default=None, help="benchmark this dataset folder instead of a synthetic domain")
+    p.add_argument("--format", default="generic", choices=sorted(FORMATS), help="layout of --input")
+    p.add_argument("--json", action="store_true", help="print the measurements as JSON")
+    add_options(p, BenchOptions)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    opts = options_from(args, BenchOptions)
+    result = run(opts, args.input and Path(args.input), args.format)
+    print(json.dumps(result, indent=1) if args.json else report(result, opts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """The GPU check's report (run by launch/gpu_check.sh): the measured bf16 matmul rate of this GPU, the FLOPs of one
 training step of the checked config, and each run's throughput from its metrics.jsonl, as one JSON document.
 
-    python launch/gpu_check.py --runs RUN_DIR [RUN_DIR ...] --config FILE [--config FILE] [overrides...]
+    python -m benchmarks.gpu_report --runs RUN_DIR [RUN_DIR ...] --config FILE [--config FILE] [overrides...]
 
 sequences/s and items encoded/s are the median of the runs' logged ``perf/`` values after the first log line (which
 holds start-up); FLOP/s is that sequences/s times the FLOPs per sequence of one step of the config (forward +
@@ -72,7 +72,7 @@ def run_throughput(run: Path) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python launch/gpu_check.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_report", description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", nargs="+", required=True, type=Path, help="run.out_dir of each checked pretraining")
     p.add_argument("--config", action="append", default=[], help="the runs' config files (for the FLOP count)")
     p.add_argument("overrides", nargs="*", help="the runs' overrides (for the FLOP count)")

@@ -1,153 +1,49 @@
-"""``python -m pretrain.bench --domains FOLDER [FOLDER ...]``: what item deduplication, the machine and ZeRO give a
+"""``python -m benchmarks.step --domains FOLDER [FOLDER ...]``: what item deduplication, the machine and ZeRO give a
 training step, measured side by side in one run on one machine (so the ratios compare like with like):
 
 - dedup: training sequences/s with each distinct item of a batch encoded once (the normal batch) vs. every history
-  position and target encoded separately (:func:`undeduplicate`); the same batches, interleaved (ON OFF, OFF ON,
-  ...), forward + backward + optimizer step through the DeepSpeed engine on one rank;
+  position and target encoded separately (:func:`benchmarks.dedup.undeduplicate`); the same batches, interleaved
+  (ON OFF, OFF ON, ...), forward + backward + optimizer step through the DeepSpeed engine on one rank;
 - FLOP/s: the step's matmul/conv FLOPs (``torch.utils.flop_counter``, forward + backward) per second of step, as a
   fraction of the dense fp32 matmul rate measured here (2048 x 2048 ``torch.mm``, before and after the steps);
-- memory (:mod:`pretrain.zero_memory`): per rank of 2 gloo ranks, the bytes of parameters, gradients, fp32 master
+- memory (:mod:`benchmarks.zero_memory`): per rank of 2 gloo ranks, the bytes of parameters, gradients, fp32 master
   partitions and optimizer state each ZeRO stage leaves a rank holding (read from DeepSpeed's optimizer), and the
   process RSS.
 
 ``--profile`` instead: the share of a training step's time in each phase (data wait, tokenize, image decode, frozen
 forward, trainable forward, backward, optimizer, logging/other), through the real engine loop on one rank
-(:mod:`pretrain.profile`).
-
-Shape legend::
-
-    B sequences   L positions   U distinct items of the batch (the table's rows)   D model width
-    V rows of the un-deduplicated table: one per real history position, then one per target
+(:mod:`benchmarks.profile`).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
-import itertools
 import json
-import re
 import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from pretrain.config import TrainConfig, load_config
 from shards.collate import Batch
 
-from .config import TrainConfig, load_config
-from .model import ItemEmbeddings
-
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "launch/configs/small_cpu.toml"
-ZERO_FILES = {stage: REPO / f"launch/ds/zero{stage}.toml" for stage in (0, 1, 2, 3)}
-
-
-# ---- the un-deduplicated batch ----------------------------------------------------------------------
-
-
-@dataclass
-class Undeduplicated:
-    """A batch whose item table has one row per real history position and per target (no item shared)."""
-
-    batch: Batch
-    """The same sequences over V rows: ``seq`` and ``target`` point at their own rows."""
-    row_of_V: torch.Tensor
-    """(V,) the row of the original (deduplicated) table each row copies."""
-
-
-def undeduplicate(batch: Batch) -> Undeduplicated:
-    """``batch`` with its item table expanded so that every (sequence, position) and every target gets its own
-    row (texts, images, ids copied): encoding it costs what a pipeline without deduplication pays."""
-    b_P, t_P = torch.nonzero(batch.seq_mask, as_tuple=True)
-    targets = batch.target if batch.target is not None else batch.seq.new_zeros(0)
-    row_of_V = torch.cat([batch.seq[b_P, t_P], targets])
-    P, V = b_P.shape[0], row_of_V.shape[0]
-    seq_BL = torch.full_like(batch.seq, -1)
-    seq_BL[b_P, t_P] = torch.arange(P, device=seq_BL.device)
-    image_row_V = batch.image_row[row_of_V]
-    has_image_V = image_row_V >= 0
-    table = {
-        name: getattr(batch, name)[row_of_V]
-        for name in ("item_domain", "item_index", "input_ids", "attention_mask", "has_text")
-    }
-    expanded = dataclasses.replace(
-        batch,
-        **table,
-        pixel_values=batch.pixel_values[image_row_V[has_image_V]],
-        image_row=torch.where(has_image_V, has_image_V.long().cumsum(0) - 1, -1),
-        has_image=has_image_V,
-        seq=seq_BL,
-        target=None if batch.target is None else torch.arange(P, V, device=seq_BL.device),
-    )
-    return Undeduplicated(expanded, row_of_V)
-
-
-def collapse(items: ItemEmbeddings, row_of_V: torch.Tensor, n_rows: int) -> ItemEmbeddings:
-    """Encodings of the V expanded rows -> the U rows of the original table: floating fields are the mean of an
-    item's copies (equal to each copy without dropout; every copy gets its share of the gradient), the others
-    (flags, catalog rows) come from a copy. The objective then sees the same candidates as with deduplication."""
-    counts_U = torch.bincount(row_of_V, minlength=n_rows).clamp_min(1)
-    first_U = torch.zeros(n_rows, dtype=torch.long, device=row_of_V.device)
-    first_U[row_of_V] = torch.arange(row_of_V.shape[0], device=row_of_V.device)  # copies are equal: any one will do
-    out = {}
-    for f in dataclasses.fields(items):
-        x = getattr(items, f.name)
-        if x is None or not x.is_floating_point():
-            out[f.name] = None if x is None else x[first_U]
-            continue
-        summed = x.new_zeros((n_rows, *x.shape[1:])).index_add(0, row_of_V, x)
-        out[f.name] = summed / counts_U.to(x.dtype).view(-1, *[1] * (x.ndim - 1))
-    return ItemEmbeddings(**out)
-
-
-def step_loss(model: Any, batch: Batch, undedup: Undeduplicated | None = None) -> torch.Tensor:
-    """The training loss of ``batch``; with ``undedup``, its items encoded from the un-deduplicated table.
-    ``model``: a Recommender or the DeepSpeed engine around one."""
-    if undedup is None:
-        return model(batch).loss
-    module = getattr(model, "module", model)
-    items = collapse(module.encode_items(undedup.batch), undedup.row_of_V, len(batch.item_index))
-    return model(batch, None, items).loss
-
-
-@torch.no_grad()
-def check_faithful(module: nn.Module, batch: Batch, undedup: Undeduplicated, seed: int = 0) -> dict[str, float]:
-    """In eval mode (no dropout): the loss with and without deduplication, the largest difference of the user
-    vectors computed from each table, and the loss of the expanded batch fed as it is (its duplicate rows are
-    extra in-batch negatives, so that one is *not* expected to match)."""
-    was_training = module.training
-    module.eval()
-    try:
-        values = {}
-        for name, fn in [
-            ("loss_dedup", lambda: step_loss(module, batch)),
-            ("loss_undedup", lambda: step_loss(module, batch, undedup)),
-            ("loss_expanded_as_is", lambda: module(undedup.batch).loss),
-        ]:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)  # CPC negatives and seq-seq views are random: the same draws for all
-                values[name] = float(fn())
-        users = module.user_vectors(batch) - module.user_vectors(undedup.batch)
-        values["user_vectors_max_abs_diff"] = float(users.abs().max())
-    finally:
-        module.train(was_training)
-    return values
-
-
-def faithful(check: dict[str, float], rtol: float = 1e-4) -> bool:
-    scale = max(1.0, abs(check["loss_dedup"]))
-    return (
-        abs(check["loss_dedup"] - check["loss_undedup"]) <= rtol * scale
-        and check["user_vectors_max_abs_diff"] <= rtol * 10
-    )
-
+from .common import (
+    ZERO_FILES,
+    add_run_arguments,
+    check_domains,
+    config_paths_and_overrides,
+    parse_run_arguments,
+    read_batches,
+    say,
+)
+from .dedup import Undeduplicated, check_faithful, encodings, faithful, step_loss, train_step, undeduplicate
+from .profile import profile_steps, report_profile
+from .zero_memory import bench_memory, report_memory
 
 # ---- timing and FLOPs -------------------------------------------------------------------------------
 
@@ -174,44 +70,13 @@ def step_flops(module: nn.Module, batch: Batch, undedup: Undeduplicated | None =
     return counter.get_total_flops()
 
 
-def train_step(engine: Any, batch: Batch, undedup: Undeduplicated | None) -> tuple[float, float]:
-    """(wall, CPU) seconds of one training step (CPU time: of all this process's threads)."""
-    start, cpu = time.perf_counter(), time.process_time()
-    loss = step_loss(engine, batch, undedup)
-    engine.backward(loss)
-    engine.step()
-    return time.perf_counter() - start, time.process_time() - cpu
-
-
-def read_batches(stream: Any, n: int) -> list[Batch]:
-    """The stream's first ``n`` batches, going on into later epochs when one epoch has fewer."""
-    out: list[Batch] = []
-    while len(out) < n:
-        if len(stream) == 0:
-            raise ValueError("the stream has no batch: fewer sequences than data.stream.batch_size x workers")
-        with contextlib.closing(iter(stream)) as batches:  # closing stops the DataLoader workers now
-            out += itertools.islice(batches, n - len(out))
-        if stream.batches_done >= len(stream):
-            stream.set_epoch(stream.epoch + 1)
-    return out
-
-
-def encodings(batch: Batch) -> tuple[int, int]:
-    """(distinct items, item occurrences: real history positions plus targets) of ``batch``."""
-    targets = 0 if batch.target is None else len(batch.target)
-    return len(batch.item_index), int(batch.seq_mask.sum()) + targets
-
-
-def say(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
 def bench_dedup(cfg: TrainConfig, steps: int, warmup: int, share_batches: int) -> dict[str, Any]:
     """Dedup ON vs OFF step times, FLOPs and the matmul peak, on one rank (ZeRO-0, this process); the share of
     encodings deduplication saves also over ``share_batches`` further batches (read, not trained on)."""
-    from . import engine as eng
+    from pretrain import engine as eng
+    from pretrain.distributed import init_distributed
 
-    dist = eng.init_distributed(cfg.engine.process_group_timeout_s)
+    dist = init_distributed(cfg.engine.process_group_timeout_s)
     say(f"building the model and engine ({torch.get_num_threads()} threads)")
     run = eng.build(cfg, dist)
     say(f"reading {warmup + steps} batches")
@@ -310,21 +175,14 @@ def report_dedup(r: dict[str, Any]) -> str:
 # ---- the command ----------------------------------------------------------------------------------------
 
 
-_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m pretrain.bench",
+        prog="python -m benchmarks.step",
         description="Benchmark a training step: deduplication ON vs OFF, achieved vs. measured matmul FLOP/s, and "
         "per-rank memory of ZeRO 0 / 2 / 3 with 2 ranks, side by side in one run.",
         epilog="Overrides (section.field=value) may also follow --domains: those arguments are not folders.",
     )
-    p.add_argument("--domains", nargs="+", required=True, metavar="FOLDER", help="built domain folders "
-                   "(python -m shards build); they replace data.domains")  # fmt: skip
-    p.add_argument("--config", action="append", default=[], metavar="FILE",
-                   help=f"TOML config, repeat to layer (default: {DEFAULT_CONFIG.relative_to(REPO)})")  # fmt: skip
-    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides, applied last")
+    add_run_arguments(p)
     p.add_argument("--steps", type=int, default=5, help="timed steps per mode (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per mode first (default 1)")
     p.add_argument("--share-batches", type=int, default=30, help="further batches read (not trained on) to "
@@ -337,34 +195,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="instead: the share of a training step's time in each "
                    "phase, over --steps steps after --warmup, data read in this process")  # fmt: skip
     p.add_argument("--json", metavar="OUT", help="also write the measurements to this JSON file")
-    args = p.parse_intermixed_args(argv)
-    moved = [d for d in args.domains if _OVERRIDE.match(d) and not Path(d).exists()]
-    args.domains = [d for d in args.domains if d not in moved]
-    args.overrides = [*args.overrides, *moved]
-    return args
-
-
-def _check_domains(folders: Sequence[str]) -> None:
-    for folder in folders:
-        if not (Path(folder) / "manifest.json").is_file():
-            what = "does not exist" if not Path(folder).exists() else "has no manifest.json"
-            raise ValueError(f"domain folder {folder} {what} (build it with: python -m shards build ...)")
-    if not folders:
-        raise ValueError("--domains needs at least one built domain folder")
+    return parse_run_arguments(p, argv)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    _check_domains(args.domains)
+    check_domains(args.domains)
     if args.steps < 1 or min(args.warmup, args.share_batches, args.threads) < 0:
         raise ValueError("--steps must be >= 1, --warmup, --share-batches and --threads >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
-    paths = [str(p) for p in args.config] or [str(DEFAULT_CONFIG)]
-    overrides = [f"data.domains={json.dumps([str(Path(d).resolve()) for d in args.domains])}",
-                 "engine.process_group_timeout_s=600", *args.overrides]  # fmt: skip
+    paths, overrides = config_paths_and_overrides(args)
     if args.profile:
-        from .profile import profile_steps, report_profile
-
         profiled = profile_steps(paths, overrides, args.steps, args.warmup)
         print(report_profile(profiled), flush=True)
         return {"config": paths, "overrides": args.overrides, "domains": args.domains, "profile": profiled}
@@ -373,8 +214,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["dedup"] = bench_dedup(cfg, args.steps, args.warmup, args.share_batches)
     print(report_dedup(result["dedup"]), flush=True)
     if not args.skip_memory:
-        from .zero_memory import bench_memory, report_memory  # spawns ranks that import this module
-
         result["memory"] = bench_memory(paths, overrides, args.stages)
         print("\n" + report_memory(result["memory"]), flush=True)
     return result
@@ -389,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            from .engine import shutdown
+            from pretrain.distributed import shutdown
 
             shutdown()  # through DeepSpeed, which drops its handles too (a later run in this process starts anew)
     if args.json:

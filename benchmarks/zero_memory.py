@@ -1,12 +1,14 @@
-"""The memory part of ``python -m pretrain.bench``: per rank of 2 gloo ranks, the bytes of parameters, gradients,
-fp32 master partitions and optimizer state that each ZeRO stage leaves a rank holding (read from DeepSpeed's
-optimizer), and the process RSS."""
+"""``python -m benchmarks.zero_memory --domains FOLDER [FOLDER ...]`` (also the memory part of ``python -m
+benchmarks.step``): per rank of 2 gloo ranks, the bytes of parameters, gradients, fp32 master partitions and optimizer
+state that each ZeRO stage leaves a rank holding (read from DeepSpeed's optimizer), and the process RSS."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
+import sys
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -15,8 +17,18 @@ from typing import Any
 
 import torch
 
-from .bench import ZERO_FILES, read_batches, say, train_step
-from .config import load_config
+from pretrain.config import load_config
+
+from .common import (
+    ZERO_FILES,
+    add_run_arguments,
+    check_domains,
+    config_paths_and_overrides,
+    parse_run_arguments,
+    read_batches,
+    say,
+)
+from .dedup import train_step
 
 MEMORY_KEYS = ("params", "grads", "master", "optimizer", "total")
 
@@ -96,10 +108,11 @@ def memory_worker(rank: int, world: int, port: int, paths: list[str], overrides:
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated")  # DeepSpeed's calls
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")  # fmt: skip
-    from . import engine as eng
+    from pretrain import engine as eng
+    from pretrain.distributed import init_distributed
 
     cfg = load_config(paths, overrides)
-    dist = eng.init_distributed(cfg.engine.process_group_timeout_s)
+    dist = init_distributed(cfg.engine.process_group_timeout_s)
     run = eng.build(cfg, dist)
     batches = iter(read_batches(run.stream, 2))
     train_step(run.engine, next(batches), None)
@@ -170,3 +183,35 @@ def report_memory(results: dict[str, Any]) -> str:
             ratios = ", ".join(f"{k} {b[k] / base_b[k]:.2f}x" if base_b[k] else f"{k} -" for k in MEMORY_KEYS)
             lines.append(f"    ZeRO-{stage}: {ratios}, RSS {ranks[0]['rss'][0] / base['rss'][0]:.2f}x")
     return "\n".join(lines)
+
+
+# ---- the command ----------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.zero_memory",
+        description="Per-rank memory of each ZeRO stage with 2 gloo ranks, measured after the second step's backward.",
+        epilog="Overrides (section.field=value) may also follow --domains: those arguments are not folders.",
+    )
+    add_run_arguments(p)
+    p.add_argument("--stages", type=int, nargs="+", default=[0, 2, 3], choices=[0, 1, 2, 3],
+                   help="ZeRO stages of the memory table (default 0 2 3)")  # fmt: skip
+    p.add_argument("--json", metavar="OUT", help="also write the measurements to this JSON file")
+    args = parse_run_arguments(p, argv)
+    try:
+        check_domains(args.domains)
+    except ValueError as e:  # bad input: the message, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    paths, overrides = config_paths_and_overrides(args)
+    result = {"config": paths, "overrides": args.overrides, "domains": args.domains}
+    result["memory"] = bench_memory(paths, overrides, args.stages)
+    print(report_memory(result["memory"]), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""finetune.config: finetune's section on top of pretraining's root, its cross-section rule and readiness checks,
+and saved configs of either stage loading in both."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finetune.config import FinetuneTrainConfig, config_help, from_dict, load_config
+from pretrain import config as pretrain_config
+from pretrain.configlib import all_keys, to_dict
+
+TINY = Path(__file__).resolve().parents[2] / "launch/configs/tiny.toml"
+
+
+def test_the_finetune_root_is_pretrainings_plus_its_section() -> None:
+    cfg = load_config(TINY, ["finetune.mode=lora", "finetune.fresh=['user.history']"])
+    assert isinstance(cfg, pretrain_config.TrainConfig) and cfg.finetune.fresh == ["user.history"]
+    assert from_dict(json.loads(json.dumps(to_dict(cfg)))) == cfg
+    pretraining = to_dict(cfg)
+    del pretraining["finetune"]
+    assert pretraining == to_dict(pretrain_config.load_config(TINY))
+    assert set(all_keys(FinetuneTrainConfig)) - set(all_keys(pretrain_config.TrainConfig)) == {
+        "finetune",
+        *(f"finetune.{k}" for k in all_keys(type(cfg.finetune))),
+    }
+
+
+def test_saved_configs_of_either_stage_load_in_both(tmp_path: Path) -> None:
+    finetuned = to_dict(load_config(TINY, ["finetune.mode=top"]))
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(finetuned), encoding="utf-8")
+    assert load_config(path).finetune.mode == "top"  # finetune keeps its section
+    assert "finetune" not in to_dict(pretrain_config.load_config(path))  # pretraining reads past it
+    assert from_dict(to_dict(pretrain_config.load_config(TINY))).finetune == FinetuneTrainConfig().finetune
+
+
+def test_finetune_rules_live_in_the_config() -> None:
+    with pytest.raises(ValueError, match=r"loss\.content_id \(0\.1, from the pretrained run.*finetune\.id_embeddings"):
+        load_config(None, ["loss.content_id=0.1", "model.user.id_embeddings=false", "finetune.id_embeddings=false"])
+    with pytest.raises(ValueError, match="finetune.from_path is not set: pass --from"):
+        load_config(None, ["data.domains=a"]).check_ready()
+    with pytest.raises(ValueError, match="data.domains is empty: name the target domain folders with --data"):
+        load_config(None, ["finetune.from_path=none"]).check_ready()
+    load_config(None, ["finetune.from_path=none", "data.domains=a"]).check_ready()
+
+
+def test_help_lists_the_finetune_section_and_pretrainings_does_not() -> None:
+    assert "finetune.lora_rank: int = 8" in config_help()
+    assert "finetune." not in pretrain_config.config_help()
