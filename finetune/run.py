@@ -29,6 +29,7 @@ import torch
 from pretrain.config import TrainConfig
 from pretrain.configlib import deep_merge
 from pretrain.distributed import init_distributed, rank
+from pretrain.families import check_on_disk
 from pretrain.lock import rank0_lock
 from pretrain.model import Catalog, Recommender
 from pretrain.runlog import RunLog, memory_gb
@@ -77,6 +78,7 @@ def resolve_config(
     if cfg.finetune.from_path != from_path:
         raise ValueError(f"--from {from_path} and finetune.from_path={cfg.finetune.from_path} disagree: give one")
     cfg.check_ready()
+    check_on_disk(cfg.model.backbone_names())  # one line now, not a traceback after the start-up
     return cfg
 
 

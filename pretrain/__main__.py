@@ -44,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", "1"))), indent=2))
             return 0
         cfg.check_ready()
+        from .families import check_on_disk  # imports torch: only past --help and --print-*
+
+        check_on_disk(cfg.model.backbone_names())  # one line now, not a traceback after the start-up
         setup_logging()
         from .distributed import CollectiveError, shutdown
         from .engine import train  # imports DeepSpeed: only when training

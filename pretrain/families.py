@@ -10,6 +10,8 @@ Shape legend::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -17,6 +19,37 @@ from torch import nn
 
 Init = Literal["pretrained", "random"]
 Architecture = Literal["resnet", "vit", "convnext"]
+
+
+def not_on_disk(name_or_path: str) -> str | None:
+    """Why the model ``name_or_path`` (a local folder or a Hugging Face id) cannot be read offline; None if it can.
+    Reads the file system and the Hugging Face cache only: nothing is downloaded, no model is loaded."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return None if (path / "config.json").is_file() else f"the folder {path} holds no config.json"
+    if path.exists():
+        return f"{path} is a file, not a model folder"
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(name_or_path, "config.json")
+    except ValueError:  # huggingface_hub's HFValidationError: not a possible hub id either
+        return f"{name_or_path!r} is no folder and no Hugging Face model id"
+    if isinstance(found, str):
+        return None
+    return (
+        f"{name_or_path!r} is no local folder and not in the Hugging Face cache, and momrec never downloads: "
+        f"where there is internet run `hf download {name_or_path}` (then copy ~/.cache/huggingface here), "
+        "or set this key to the model's local folder"
+    )
+
+
+def check_on_disk(names: Mapping[str, str]) -> None:
+    """One :class:`ValueError` naming the first config key (of ``names``: key -> name or folder) whose model is not
+    on disk, before any heavy start-up."""
+    for key, name in names.items():
+        if (problem := not_on_disk(name)) is not None:
+            raise ValueError(f"{key}: {problem}")
 
 
 def load_backbone(

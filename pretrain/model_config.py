@@ -229,6 +229,11 @@ class ModelConfig(Section):
     $MOMREC_CACHE/features (~/.cache/momrec/features when MOMREC_CACHE is unset); 'none': no disk store (memory
     only). List and prune it with `python -m pretrain.cache`."""
 
+    def backbone_names(self) -> dict[str, str]:
+        """The models the enabled towers read from disk: config key -> Hugging Face name or local folder."""
+        towers = {"model.text": self.text, "model.image": self.image}
+        return {f"{k}.name_or_path": t.name_or_path for k, t in towers.items() if t.enabled and t.name_or_path}
+
     def validate(self) -> None:
         content = self.text.enabled or self.image.enabled
         check(
