@@ -24,7 +24,7 @@ Architecture = Literal["resnet", "vit", "convnext"]
 def not_on_disk(name_or_path: str) -> str | None:
     """Why the model ``name_or_path`` (a local folder or a Hugging Face id) cannot be read offline; None if it can.
     Reads the file system and the Hugging Face cache only: nothing is downloaded, no model is loaded."""
-    path = Path(name_or_path).expanduser()
+    path = Path(name_or_path)  # as transformers reads it: no ~ expansion
     if path.is_dir():
         return None if (path / "config.json").is_file() else f"the folder {path} holds no config.json"
     if path.exists():
