@@ -82,7 +82,7 @@ for d in books movies; do
 done
 DOMAINS="$WORK/shards/books,$WORK/shards/movies"
 COMMON=(--config launch/configs/small_cpu.toml "data.domains=$DOMAINS" model.text.init=random
-        "model.text.name_or_path=$TEXT" "data.stream.text_model=$TEXT" "data.stream.batch_size=${GPU_CHECK_BATCH:-128}"
+        "model.text.name_or_path=$TEXT" "data.stream.batch_size=${GPU_CHECK_BATCH:-128}"
         data.stream.num_workers=6 "optim.max_steps=${GPU_CHECK_STEPS:-120}" optim.warmup_steps=10 run.log_every=10 run.eval_every=1000
         run.save_every=1000)
 
@@ -98,8 +98,7 @@ cat "$OUTDIR/gpu_check.json"
 
 step "6/6 the disk feature cache: every catalog encoded cold, then warm"
 check "$PY" -m benchmarks.feature_cache --domains "$WORK/shards/books" "$WORK/shards/movies" \
-    --config launch/configs/small_cpu.toml model.text.init=random "model.text.name_or_path=$TEXT" \
-    "data.stream.text_model=$TEXT"
+    --config launch/configs/small_cpu.toml model.text.init=random "model.text.name_or_path=$TEXT"
 
 step "done (status $STATUS): $OUTDIR/gpu_check.log, $OUTDIR/gpu_check.json"
 rm -rf "$WORK"
