@@ -170,6 +170,24 @@ class Backbone(nn.Module):
         x = self._bottom(split, inputs, mask, keys)
         return self._run(split, len(self.stages()), x, mask)
 
+    @torch.no_grad()
+    def held(self, keys: list[tuple[int, int]]) -> dict[tuple[int, int], torch.Tensor]:
+        """The frozen-bottom outputs of ``keys`` held now, in memory or in the disk store (those read into memory,
+        without the other items of their segments): a forward right after serves them without looking at their
+        inputs (:mod:`pretrain.catalog` leaves those unprepared, guarded by ``cache.placeholders``). Empty when
+        nothing is frozen or cached."""
+        cache, split = self.cache, self.frozen_split()
+        if cache is None or split == 0 or not keys:
+            return {}
+        cache.sync(split, self._bottom_params(split))
+        disk = self._disk(split)
+        missing = [k for k in keys if k not in cache.entries]
+        if missing and disk is not None:
+            target = "cpu" if cache.device == "cpu" else next(self.model.parameters()).device
+            for key, x in disk.load(missing, whole=False).items():
+                cache.put(key, x.to(target), prefetched=True)  # counted as a disk hit when the forward takes it
+        return {k: e for k in keys if (e := cache.entries.get(k)) is not None}
+
     def _bottom_params(self, split: int) -> list[nn.Parameter]:
         return [p for stage in self.stages()[: max(split, 0)] for p in stage.parameters()]
 

@@ -1,10 +1,12 @@
 """A domain's catalog: which folders make a run's catalog, their items read from the shards, and encoded by a model.
 
 The model's domain index of a folder is the position of its catalog in :func:`catalog_folders`. A catalog is read
-from the domain's ``items-*.tar`` shards in order (:func:`catalog_tables`), ``chunk`` items per table; with a
+from the domain's ``items-*.tar`` shards in order (:func:`catalog_chunks`), ``chunk`` items per table; with a
 process group every rank encodes its share of the chunks and the rows are all-gathered
 (:func:`encode_catalog_content`), so ranking (:mod:`pretrain.ranking`) and the interest refresh
-(:func:`pretrain.validate.refresh_interests`) see every item once, row c = catalog index c.
+(:func:`pretrain.validate.refresh_interests`) see every item once, row c = catalog index c. Only the inputs the
+model needs are prepared: an item whose frozen-bottom output is in memory or in the disk store is neither
+tokenized nor decoded (:func:`_encode_chunk`).
 
 Shape legend::
 
@@ -13,6 +15,7 @@ Shape legend::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import tarfile
@@ -24,7 +27,7 @@ from typing import Any
 import torch
 
 from shards import schema
-from shards.collate import ItemTable, collate_items
+from shards.collate import Held, ItemTable, collate_items
 from shards.errors import InputError
 from shards.inspect import read_shard
 from shards.progress import bar
@@ -33,6 +36,7 @@ from shards.subset import catalog_id
 
 from . import distributed
 from .config import TrainConfig
+from .frozen_cache import PlaceholderMiss
 from .model import ItemEmbeddings, Recommender
 
 log = logging.getLogger(__name__)
@@ -90,12 +94,12 @@ def cat_embeddings(parts: Sequence[ItemEmbeddings]) -> ItemEmbeddings:
 # ---- the catalog ---------------------------------------------------------------------------------------------
 
 
-def catalog_tables(
-    folder: str | Path, domain: int, cfg: StreamConfig, chunk: int = ENCODE_CHUNK, rank: int = 0, world: int = 1
-) -> Iterator[ItemTable]:
-    """The catalog of ``folder`` (its items shards, in order) as item tables of ``chunk`` items of ``domain``;
-    only the chunks numbered ``rank`` mod ``world`` are collated. Every rank decodes every item, so that a bad one
-    stops all ranks alike (one rank stopping alone would leave the others waiting in a collective)."""
+def catalog_chunks(
+    folder: str | Path, domain: int, chunk: int = ENCODE_CHUNK, rank: int = 0, world: int = 1
+) -> Iterator[list[tuple[int, schema.Item]]]:
+    """The catalog of ``folder`` (its items shards, in order) as chunks of ``chunk`` (domain, item) pairs; only the
+    chunks numbered ``rank`` mod ``world`` are yielded. Every rank reads and schema-checks every item, so that a bad
+    one stops all ranks alike (one rank stopping alone would leave the others waiting in a collective)."""
     manifest = schema.load_manifest(folder)
     pending: list[tuple[int, schema.Item]] = []
     number = 0
@@ -104,10 +108,18 @@ def catalog_tables(
             pending.append((domain, _catalog_item(raw, manifest.n_items)))
             if len(pending) == chunk:
                 if number % world == rank:
-                    yield collate_items(pending, cfg)
+                    yield pending
                 pending, number = [], number + 1
     if pending and number % world == rank:
-        yield collate_items(pending, cfg)
+        yield pending
+
+
+def catalog_tables(
+    folder: str | Path, domain: int, cfg: StreamConfig, chunk: int = ENCODE_CHUNK, rank: int = 0, world: int = 1
+) -> Iterator[ItemTable]:
+    """The chunks of :func:`catalog_chunks` as item tables (texts tokenized, images decoded)."""
+    for items in catalog_chunks(folder, domain, chunk, rank, world):
+        yield collate_items(items, cfg)
 
 
 def _catalog_item(raw: dict[str, Any], n_items: int) -> schema.Item:
@@ -189,13 +201,14 @@ def encode_catalog_content(
     share = _share(model.catalog.n_items[domain], chunk, rank, world)
     parts = []
     with bar(total=share, enabled=rank == 0, desc=f"encoding {Path(folder).name}", unit="item") as progress:
-        for table in catalog_tables(folder, domain, cfg, chunk, rank, world):
-            emb = model.encode_items(table.to(device))
+        for items in catalog_chunks(folder, domain, chunk, rank, world):
+            emb, table = _encode_chunk(model, items, cfg, device)
             fields = {f.name: getattr(emb, f.name) for f in dataclasses.fields(emb)}
             fields = {k: None if v is None else v.detach() for k, v in fields.items()}
             parts.append({**fields, "data_text": table.has_text.to(device), "data_image": table.has_image.to(device)})
             progress.update(len(table.item_index))
     model.flush_feature_cache()
+    _release_segments(model)
     if rank == 0:
         _log_cache_use(folder, before, model.feature_cache_stats())
     local = (
@@ -213,6 +226,61 @@ def encode_catalog_content(
     order = index_C.argsort()
     code = torch.where(data_text, torch.where(data_image, 0, 1), torch.where(data_image, 2, 3))
     return EncodedCatalog(select(emb, order), code[order])
+
+
+def _encode_chunk(
+    model: Recommender, items: list[tuple[int, schema.Item]], cfg: StreamConfig, device: torch.device
+) -> tuple[ItemEmbeddings, ItemTable]:
+    """A chunk of the catalog encoded, and its table. The texts and images whose frozen-bottom outputs the model
+    holds (in memory or on disk) are neither tokenized nor decoded (:class:`shards.collate.Held`): their inputs are
+    placeholders that the model's caches refuse to encode; should one of those items be gone by the forward, the
+    chunk is collated whole and encoded again. The result is the same bit for bit as collating everything."""
+    held = _held(model, items) if cfg.item_content else Held()
+    if held.text_tokens or held.images:
+        table = collate_items(items, cfg, held=held)
+        try:
+            with _placeholders(model, held):
+                return model.encode_items(table.to(device)), table
+        except PlaceholderMiss as e:
+            log.warning("catalog encoding: %s; its chunk's inputs are prepared whole", e)
+    table = collate_items(items, cfg)
+    return model.encode_items(table.to(device)), table
+
+
+def _held(model: Recommender, items: list[tuple[int, schema.Item]]) -> Held:
+    """The items of ``items`` whose frozen-bottom outputs the model's towers hold now (read from disk into memory)."""
+    keys = [(d, it.index) for d, it in items]
+    text_tokens: dict[tuple[int, int], int] = {}
+    images: frozenset[tuple[int, int]] = frozenset()
+    if model.text is not None:  # a text entry holds the item's own token states: (its token count, H)
+        text_tokens = {k: x.shape[0] for k, x in model.text.backbone.held(keys).items()}
+    if model.image is not None:
+        with_image = [k for k, (_, it) in zip(keys, items) if it.image is not None]
+        images = frozenset(model.image.backbone.held(with_image))
+    return Held(text_tokens, images)
+
+
+@contextlib.contextmanager
+def _placeholders(model: Recommender, held: Held) -> Iterator[None]:
+    """While inside, the towers' caches refuse to compute the held items (their inputs are placeholders)."""
+    towers = [(t, keys) for t, keys in ((model.text, held.text_tokens), (model.image, held.images)) if t is not None]
+    for tower, keys in towers:
+        if keys:
+            assert tower.backbone.cache is not None, "held items without a cache"
+            tower.backbone.cache.placeholders = frozenset(keys)
+    try:
+        yield
+    finally:
+        for tower, _ in towers:
+            if tower.backbone.cache is not None:
+                tower.backbone.cache.placeholders = frozenset()
+
+
+def _release_segments(model: Recommender) -> None:
+    """Free the feature-store segments the towers kept while the catalog was read."""
+    for tower in (model.text, model.image):
+        if tower is not None and tower.backbone.disk is not None:
+            tower.backbone.disk.release()
 
 
 def _share(n_items: int, chunk: int, rank: int, world: int) -> int:

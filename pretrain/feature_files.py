@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import uuid
@@ -52,21 +53,82 @@ def _header(data: bytes, size: int | None = None) -> dict[str, Any]:
     return header
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}  # fmt: skip
+
+
+class Segment:
+    """A segment's bytes, checked once (checksum, entry, every tensor's dtype, shape and span): its items' tensors
+    are then taken out one by one (:meth:`tensor`, a copy), so a reader that wants a few items of a large segment
+    does not build the others. The bytes are read as safetensors stores them, little-endian, as on every host torch
+    runs on here (x86-64, arm64)."""
+
+    def __init__(self, data: bytearray, entry_key: str) -> None:
+        header = _header(data)
+        meta = header.pop("__metadata__")
+        digest = meta.get("sha256", "")
+        if meta.get("format") != FORMAT or meta.get("entry") != entry_key or len(digest) != 64:
+            raise CorruptSegment("not a segment of this entry")
+        n = struct.unpack("<Q", data[:8])[0]
+        at = data.find(digest.encode(), 8, 8 + n)
+        if at < 0 or _zeroed_digest(data, at) != digest:
+            raise CorruptSegment("checksum mismatch")
+        self.data, self.base = data, 8 + n
+        self.spans = {_item_of(name): _span(name, info, len(data) - self.base) for name, info in header.items()}
+        """Item index -> (dtype, shape, start of its bytes after the header)."""
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+    def items(self) -> list[int]:
+        return list(self.spans)
+
+    def tensor(self, index: int) -> torch.Tensor:
+        """Item ``index``'s tensor (its own memory: it does not keep the segment's bytes alive)."""
+        dtype, shape, begin = self.spans[index]
+        numel = math.prod(shape)
+        if numel == 0:
+            return torch.empty(shape, dtype=dtype)
+        flat = torch.frombuffer(self.data, dtype=dtype, count=numel, offset=self.base + begin)
+        return flat.reshape(shape).clone()
+
+
+def _zeroed_digest(data: bytearray, at: int) -> str:
+    """sha256 of ``data`` with its 64 bytes at ``at`` read as zero digits (without copying ``data``)."""
+    view = memoryview(data)
+    digest = hashlib.sha256(view[:at])
+    digest.update(_ZERO_DIGEST.encode())
+    digest.update(view[at + 64 :])
+    return digest.hexdigest()
+
+
+def _span(name: str, info: Any, size: int) -> tuple[torch.dtype, list[int], int]:
+    """(dtype, shape, begin) of a tensor's header entry, checked against the data's ``size`` bytes."""
+    try:
+        dtype, shape, (begin, end) = _DTYPES[info["dtype"]], list(info["shape"]), info["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        raise CorruptSegment(f"tensor {name!r}: bad header entry") from None
+    if not all(isinstance(d, int) and d >= 0 for d in [*shape, begin, end]):
+        raise CorruptSegment(f"tensor {name!r}: bad shape or offsets")
+    if not begin <= end <= size or end - begin != math.prod(shape) * dtype.itemsize:
+        raise CorruptSegment(f"tensor {name!r}: its bytes do not match its shape")
+    return dtype, shape, begin
+
+
+def read_segment(path: Path, entry_key: str) -> Segment:
+    """The segment at ``path``, checked (:class:`Segment`)."""
+    with open(path, "rb") as f:
+        data = bytearray(os.fstat(f.fileno()).st_size)
+        got = f.readinto(data)
+    return Segment(data[:got] if got != len(data) else data, entry_key)
+
+
 def decode_segment(data: bytes, entry_key: str) -> dict[int, torch.Tensor]:
     """Item index -> tensor of a segment's bytes, after checking its checksum and that it belongs to the entry."""
-    meta = _header(data)["__metadata__"]
-    digest = meta.get("sha256", "")
-    if meta.get("format") != FORMAT or meta.get("entry") != entry_key or len(digest) != 64:
-        raise CorruptSegment("not a segment of this entry")
-    n = struct.unpack("<Q", data[:8])[0]
-    at = data.find(digest.encode(), 8, 8 + n)
-    if at < 0 or hashlib.sha256(data[:at] + _ZERO_DIGEST.encode() + data[at + 64 :]).hexdigest() != digest:
-        raise CorruptSegment("checksum mismatch")
-    try:
-        tensors = safetensors.torch.load(data)
-    except Exception as e:  # safetensors raises its own SafetensorError on inconsistent offsets
-        raise CorruptSegment(f"unreadable tensors ({e})") from None
-    return {_item_of(name): t for name, t in tensors.items()}
+    segment = Segment(bytearray(data), entry_key)
+    return {i: segment.tensor(i) for i in segment.items()}
 
 
 def _item_of(name: str) -> int:

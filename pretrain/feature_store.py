@@ -34,6 +34,7 @@ import logging
 import os
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +51,9 @@ from .feature_files import (
     FORMAT,
     SEGMENT_GLOB,
     CorruptSegment,
+    Segment,
     checksummed,
-    decode_segment,
+    read_segment,
     segment_items,
     write_atomic,
 )
@@ -62,6 +64,10 @@ ENV = "MOMREC_CACHE"
 """Root of momrec's caches; the feature store is its ``features`` folder (default root: ~/.cache/momrec)."""
 SEGMENT_BYTES = 64 << 20
 """Pending items are written as a segment once they hold this many bytes (and at every flush)."""
+RECENT_BYTES = 4 * SEGMENT_BYTES
+"""An entry keeps the segments it read last, up to this many bytes (and always the last one), so a reader that
+takes a segment's items a chunk at a time (a catalog pass; segments written by several ranks interleave) reads and
+checks each once; :meth:`DiskCache.release` frees them."""
 
 
 def feature_dir(setting: str) -> Path | None:
@@ -142,6 +148,8 @@ class Entry:
         self.folder_mtime = -1
         self.pending: dict[int, torch.Tensor] = {}
         self.pending_bytes = 0
+        self.recent: OrderedDict[Path, Segment] = OrderedDict()
+        """The segments read last, checked, oldest first (:meth:`_segment`)."""
         self.writable = True
         self.touched = False
 
@@ -166,22 +174,46 @@ class Entry:
             self.index.update(dict.fromkeys(items, path))
         self._touch()
 
-    def load(self, wanted: Iterable[int]) -> dict[int, torch.Tensor]:
-        """Every item of the segments that hold one of ``wanted`` (a segment is read whole, once: its other items
-        are likely wanted soon). Corrupt segments are deleted and their items left out."""
+    def load(self, wanted: Iterable[int], whole: bool = True) -> dict[int, torch.Tensor]:
+        """The items of ``wanted`` that the segments hold, and with ``whole`` every other item of the segments read
+        (likely wanted soon). Without ``whole`` a segment read is kept among the last ones read (:meth:`_segment`),
+        so a reader that wants its items a chunk at a time reads and checks it once (then calls :meth:`release`).
+        Corrupt segments are deleted and their items left out."""
         wanted = list(wanted)
         if any(i not in self.index for i in wanted):
             self.scan()
-        paths = {self.index[i] for i in wanted if i in self.index}
+        by_path: dict[Path, list[int]] = {}
+        for i in wanted:
+            if i in self.index:
+                by_path.setdefault(self.index[i], []).append(i)
         out: dict[int, torch.Tensor] = {}
-        for path in sorted(paths):
+        for path, items in sorted(by_path.items()):
             try:
-                out.update(decode_segment(path.read_bytes(), self.key))
+                segment = self._segment(path, keep=not whole)
             except FileNotFoundError:  # pruned since the scan
                 self._forget(path)
+                continue
             except (OSError, CorruptSegment) as e:
                 self._discard(path, e)
+                continue
+            out.update({i: segment.tensor(i) for i in (segment.items() if whole else items) if i in segment.spans})
         return out
+
+    def _segment(self, path: Path, keep: bool) -> Segment:
+        """The segment at ``path``, from the ones kept (at most RECENT_BYTES of them, always the last) or read and
+        checked now (and kept if ``keep``)."""
+        kept = self.recent.pop(path, None)
+        segment = kept or read_segment(path, self.key)
+        if not keep and kept is None:
+            return segment
+        self.recent[path] = segment  # the most recent last
+        while len(self.recent) > 1 and sum(s.nbytes for s in self.recent.values()) > RECENT_BYTES:
+            self.recent.popitem(last=False)
+        return segment
+
+    def release(self) -> None:
+        """Forget the segments kept from the last reads (their memory)."""
+        self.recent.clear()
 
     def add(self, index: int, x: torch.Tensor) -> None:
         if self.writable and index not in self.index:
@@ -216,6 +248,7 @@ class Entry:
         self._forget(path)
 
     def _forget(self, path: Path) -> None:
+        self.recent.pop(path, None)
         self.scanned.discard(path.name)
         self.index = {i: p for i, p in self.index.items() if p != path}
 
@@ -269,8 +302,9 @@ class DiskCache:
             self.entries[domain] = Entry(self.root, digest_of(self.bottom[0], source.digest), summary)
         return self.entries[domain]
 
-    def load(self, keys: Iterable[tuple[int, int]]) -> dict[tuple[int, int], torch.Tensor]:
-        """What the disk holds for ``keys`` ``(domain, item_index)``, plus the other items of the segments read."""
+    def load(self, keys: Iterable[tuple[int, int]], whole: bool = True) -> dict[tuple[int, int], torch.Tensor]:
+        """What the disk holds for ``keys`` ``(domain, item_index)``, plus (``whole``) the other items of the
+        segments read."""
         by_domain: dict[int, list[int]] = {}
         for domain, index in keys:
             by_domain.setdefault(domain, []).append(index)
@@ -278,7 +312,7 @@ class DiskCache:
         for domain, indices in by_domain.items():
             entry = self.entry(domain)
             if entry is not None:
-                found = entry.load(indices)
+                found = entry.load(indices, whole)
                 self.loaded += sum(i in found for i in indices)
                 out.update({(domain, i): x for i, x in found.items()})
         return out
@@ -288,6 +322,11 @@ class DiskCache:
         entry = self.entry(key[0])
         if entry is not None:
             entry.add(key[1], x)
+
+    def release(self) -> None:
+        """Forget the segments the entries kept from their last reads (:data:`RECENT_BYTES`)."""
+        for entry in self.entries.values():
+            entry.release()
 
     @property
     def pending_bytes(self) -> int:

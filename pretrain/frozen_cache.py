@@ -20,6 +20,11 @@ log = logging.getLogger(__name__)
 CacheDevice = Literal["cpu", "model"]
 
 
+class PlaceholderMiss(RuntimeError):
+    """An item whose encoder inputs were left as placeholders (:attr:`FrozenCache.placeholders`) is not cached: its
+    features must not be computed from those inputs; the caller prepares the real inputs and encodes again."""
+
+
 def item_keys(item_domain_U: torch.Tensor, item_index_U: torch.Tensor) -> torch.Tensor:
     """(U, 2) cache keys ``(domain, item_index)`` of the batch's item table."""
     return torch.stack([item_domain_U, item_index_U], dim=1)
@@ -59,6 +64,10 @@ class FrozenCache:
         """Items read from disk along with wanted ones and not used yet (their first hit counts as a disk hit)."""
         self.generation = 0
         """Incremented by every clearing: the disk store's bottom key is valid for one generation."""
+        self.placeholders: frozenset[tuple[int, int]] = frozenset()
+        """Items whose inputs in the coming forwards are placeholders (set by ``pretrain.catalog`` for the items it
+        found here and did not tokenize or decode): :meth:`get` raises :class:`PlaceholderMiss` for one it does not
+        hold (cleared or evicted since), before anything is computed, so none is ever encoded from placeholders."""
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -97,6 +106,8 @@ class FrozenCache:
     def get(self, key: tuple[int, int]) -> torch.Tensor | None:
         entry = self.entries.get(key)
         if entry is None:
+            if key in self.placeholders:
+                raise PlaceholderMiss(f"item {key} was held when its inputs were skipped, and is not any more")
             self.misses += 1
             return None
         if key in self.prefetched:

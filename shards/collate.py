@@ -14,7 +14,8 @@ import dataclasses
 import logging
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,6 +181,20 @@ def warn_once(logger: logging.Logger, key: tuple, msg: str, *args: Any) -> None:
         logger.warning(msg, *args)
 
 
+@dataclass(frozen=True)
+class Held:
+    """Items whose encoder inputs need not be prepared, as the model already holds their frozen-bottom outputs
+    (:meth:`pretrain.backbone.Backbone.held`), keyed by ``(domain, item index)``. Their texts are not tokenized and
+    their images not decoded: their rows of ``input_ids`` are padding ids (the attention mask is the real one, from
+    the token count) and of ``pixel_values`` zeros. Those placeholders must never be encoded: the model's cache
+    refuses an item it no longer holds (``pretrain.frozen_cache.FrozenCache.placeholders``)."""
+
+    text_tokens: Mapping[tuple[int, int], int] = field(default_factory=dict)
+    """Token count of each held text (its attention-mask row)."""
+    images: AbstractSet[tuple[int, int]] = frozenset()
+    """Items with a held image (one that decoded when its features were computed, so it decodes now)."""
+
+
 class Collator:
     """Examples -> :class:`Batch`. Runs in the DataLoader workers.
 
@@ -221,29 +236,38 @@ class Collator:
         self.counts.clear()
         return batch
 
-    def item_table(self, table: Sequence[tuple[int, schema.Item]], flip_rng: random.Random | None = None) -> ItemTable:
+    def item_table(
+        self, table: Sequence[tuple[int, schema.Item]], flip_rng: random.Random | None = None, held: Held | None = None
+    ) -> ItemTable:
         """(domain, item) pairs -> their :class:`ItemTable`: texts tokenized (:class:`TokenMemo`), images decoded (an
-        undecodable image is counted in ``counts['bad_images']`` and the item kept without it)."""
+        undecodable image is counted in ``counts['bad_images']`` and the item kept without it); except the inputs of
+        the ``held`` items, which are placeholders (:class:`Held`)."""
+        held = held or Held()
         return ItemTable(
             item_domain=torch.tensor([d for d, _ in table], dtype=torch.long),
             item_index=torch.tensor([it.index for _, it in table], dtype=torch.long),
-            **self._texts(table),
-            **self._images(table, flip_rng),
+            **self._texts(table, held),
+            **self._images(table, flip_rng, held),
         )
 
-    def _texts(self, table: Sequence[tuple[int, schema.Item]]) -> dict[str, torch.Tensor]:
+    def _texts(self, table: Sequence[tuple[int, schema.Item]], held: Held) -> dict[str, torch.Tensor]:
         if not self.cfg.item_content:  # ID-only model: no text is read
             empty = torch.zeros((len(table), 0), dtype=torch.long)
             return {"input_ids": empty, "attention_mask": empty, "has_text": torch.zeros(len(table), dtype=torch.bool)}
         memo = token_memo(self.cfg.text_model, self.cfg.max_text_len)
-        input_ids_UT, attention_mask_UT = memo.encode(table)
+        input_ids_UT, attention_mask_UT = memo.encode(table, held.text_tokens)
         has_text_U = torch.tensor([it.text is not None for _, it in table], dtype=torch.bool)
         return {"input_ids": input_ids_UT, "attention_mask": attention_mask_UT, "has_text": has_text_U}
 
-    def _images(self, table: Sequence[tuple[int, schema.Item]], flip_rng: random.Random | None) -> dict:
+    def _images(self, table: Sequence[tuple[int, schema.Item]], flip_rng: random.Random | None, held: Held) -> dict:
         decoded, image_row_U = [], torch.full((len(table),), -1, dtype=torch.long)
+        placeholder_rows = []  # rows of pixel_values left zero: held images, not decoded
         for u, (domain, item) in enumerate(table):
             if item.image is None or not self.cfg.item_content:
+                continue
+            if (domain, item.index) in held.images:
+                placeholder_rows.append(len(decoded) + len(placeholder_rows))
+                image_row_U[u] = placeholder_rows[-1]
                 continue
             try:
                 decoded.append(decode_image(item.image, self.cfg.image_size))
@@ -253,10 +277,13 @@ class Collator:
                 warn_once(log, ("image", domain, item.index), "domain %d item %d (%s): image dropped, the item kept "
                           "without it: %s", domain, item.index, where, e)  # fmt: skip
                 continue
-            image_row_U[u] = len(decoded) - 1
+            image_row_U[u] = len(decoded) + len(placeholder_rows) - 1
         cfg = self.cfg
+        pixels_NCHW = images_to_tensor(decoded, cfg.image_size, flip_rng=flip_rng, normalize=False)
+        if placeholder_rows:
+            pixels_NCHW = _with_placeholders(pixels_NCHW, placeholder_rows)
         return {
-            "pixel_values": images_to_tensor(decoded, cfg.image_size, flip_rng=flip_rng, normalize=False),
+            "pixel_values": pixels_NCHW,
             "pixel_mean": torch.tensor(cfg.image_mean, dtype=torch.float32),
             "pixel_std": torch.tensor(cfg.image_std, dtype=torch.float32),
             "image_row": image_row_U,
@@ -265,13 +292,25 @@ class Collator:
 
 
 def collate_items(
-    items: Sequence[tuple[int, schema.Item]], cfg: StreamConfig, counts: Counter | None = None
+    items: Sequence[tuple[int, schema.Item]], cfg: StreamConfig, counts: Counter | None = None, held: Held | None = None
 ) -> ItemTable:
     """The :class:`ItemTable` of (domain, item) pairs, tokenized and transformed as the stream does (never
-    flipped): e.g. a chunk of a domain's catalog read from its ``items-*.tar`` shards, to encode for ranking."""
+    flipped): e.g. a chunk of a domain's catalog read from its ``items-*.tar`` shards, to encode for ranking.
+    ``held``: items whose inputs are left as placeholders (:class:`Held`); every other field is as without it."""
     if not items:
         raise ValueError("collate_items needs at least one item")
-    return Collator(cfg, counts).item_table(items)
+    return Collator(cfg, counts).item_table(items, held=held)
+
+
+def _with_placeholders(decoded_MCHW: torch.Tensor, placeholder_rows: Sequence[int]) -> torch.Tensor:
+    """(N, 3, S, S) uint8: the decoded images in order, with zero rows at ``placeholder_rows`` (N = M + those)."""
+    M, C, S, _ = decoded_MCHW.shape
+    N = M + len(placeholder_rows)
+    pixels_NCHW = torch.zeros((N, C, S, S), dtype=torch.uint8)
+    real_N = torch.ones(N, dtype=torch.bool)
+    real_N[list(placeholder_rows)] = False
+    pixels_NCHW[real_N] = decoded_MCHW
+    return pixels_NCHW
 
 
 def _row(rows: dict[tuple[int, int], int], table: list, domain: int, item: schema.Item) -> int:

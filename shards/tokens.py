@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import array
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -66,17 +66,27 @@ class TokenMemo:
         self.entries.clear()
         self.bytes = self.tokenized = 0
 
-    def encode(self, table: Sequence[tuple[int, schema.Item]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask), both (U, T) long, of the items' texts (an item without text: "")."""
+    def encode(
+        self, table: Sequence[tuple[int, schema.Item]], held: Mapping[tuple[int, int], int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask), both (U, T) long, of the items' texts (an item without text: "").
+
+        ``held``: (domain, item index) -> token count of the items whose text encoder output is already held
+        (:class:`shards.collate.Held`): their texts are not tokenized; their rows are a placeholder of that many
+        padding ids, so the attention mask (and T) are as if they had been."""
+        held = held or {}
+        tokenizer = load_tokenizer(self.text_model)
         budget = self.max_text_len * TEXT_CHARS_PER_TOKEN  # a 200 MB text would cost gigabytes to tokenize
-        texts = [(it.text or "")[:budget] for _, it in table]
         keys = [(domain, it.index) for domain, it in table]
+        texts = ["" if key in held else (it.text or "")[:budget] for key, (_, it) in zip(keys, table)]
         rows: list[bytes | None] = []
         for key, text in zip(keys, texts):
+            if key in held:
+                rows.append(_placeholder(held[key], tokenizer))
+                continue
             entry = self.entries.get(key)
             rows.append(entry[1] if entry is not None and entry[0] == hash(text) else None)
         miss = [u for u, row in enumerate(rows) if row is None]
-        tokenizer = load_tokenizer(self.text_model)
         if miss:
             self.tokenized += len(miss)
             ids = tokenizer([texts[u] for u in miss], truncation=True, max_length=self.max_text_len,
@@ -108,6 +118,13 @@ def token_memo(text_model: str, max_text_len: int) -> TokenMemo:
     if key not in _token_memos:
         _token_memos[key] = TokenMemo(text_model, max_text_len)
     return _token_memos[key]
+
+
+def _placeholder(n_tokens: int, tokenizer: Any) -> bytes:
+    """A row of ``n_tokens`` padding ids (int32 bytes), standing for a text that was not tokenized."""
+    if n_tokens < 1:
+        raise ValueError(f"a held text needs a positive token count, got {n_tokens}")
+    return array.array("i", [tokenizer.pad_token_id or 0]).tobytes() * n_tokens
 
 
 def _pad(rows: Sequence[bytes | None], tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -286,7 +286,7 @@ def _rank_main(rank: int, port: int, argv: list[str], log: Path) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))  # fmt: skip
     taken: dict[str, int] = {"users": 0, "chunks": 0}
-    users, tables = ranking.held_out_users, catalog.catalog_tables
+    users, tables = ranking.held_out_users, catalog.catalog_chunks
 
     def counted(what: str, source: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -297,7 +297,7 @@ def _rank_main(rank: int, port: int, argv: list[str], log: Path) -> None:
 
         return wrapper
 
-    ranking.held_out_users, catalog.catalog_tables = counted("users", users), counted("chunks", tables)
+    ranking.held_out_users, catalog.catalog_chunks = counted("users", users), counted("chunks", tables)
     code = main(argv)
     log.write_text(json.dumps(taken))
     os._exit(code)

@@ -4,9 +4,11 @@ key makes a new entry; corrupt, truncated and half-written files are never read 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -14,10 +16,20 @@ import torch
 from torch import nn
 
 from pretrain import cache as cache_cli
+from pretrain import feature_store
 from pretrain.catalog import encode_catalog
 from pretrain.config import TrainConfig, load_config
 from pretrain.encoders import ImageEncoder, TextEncoder
-from pretrain.feature_files import ENTRY_FILE, SEGMENT_GLOB, TMP_PREFIX
+from pretrain.feature_files import (
+    ENTRY_FILE,
+    FORMAT,
+    SEGMENT_GLOB,
+    TMP_PREFIX,
+    CorruptSegment,
+    Segment,
+    checksummed,
+    decode_segment,
+)
 from pretrain.feature_prune import STALE_TMP_S, list_entries
 from pretrain.feature_store import Source, feature_dir, image_source, text_source
 from pretrain.model import Catalog, Recommender
@@ -114,6 +126,46 @@ def test_items_of_a_segment_read_together_count_as_disk_hits(tmp_path):
     later(ids_UT[1:], mask_UT[1:, :7], keys((0, 2), (0, 3)))
     assert later.backbone.cache_stats() == {"memory": 0, "disk": 3, "computed": 0}
     assert len(later.backbone.cache) == 3
+
+
+def test_held_reads_only_the_wanted_items_and_each_segment_once(tmp_path, monkeypatch):
+    """Backbone.held (a catalog pass) takes the wanted items out of a segment, not the others, and reads and checks a
+    segment once however many chunks it serves; the tensors are the stored ones, bit for bit."""
+    first = fill_text(tmp_path)
+    reads = []
+    read = feature_store.read_segment
+    monkeypatch.setattr(feature_store, "read_segment", lambda *a: reads.append(a[0]) or read(*a))
+    later = text_encoder(tmp_path)
+    refuse_bottom(later)
+    got = later.backbone.held([(0, 1), (0, 9)])  # (0, 9) was never stored
+    assert list(got) == [(0, 1)] and len(later.backbone.cache) == 1
+    assert set(later.backbone.held([(0, 2), (0, 3)])) == {(0, 2), (0, 3)} and len(reads) == 1
+    assert torch.equal(later(*TEXT, TEXT_KEYS)[0], first[0])
+    assert later.backbone.cache_stats() == {"memory": 0, "disk": 3, "computed": 0}
+    later.backbone.disk.release()
+    later.backbone.cache.invalidate()
+    later.backbone.held([(0, 1)])
+    assert len(reads) == 2  # released: read again
+
+
+def test_a_segment_whose_header_lies_about_a_tensor_is_corrupt():
+    data = bytearray(checksummed({"i1": torch.ones(2, 3), "i2": torch.zeros(4)}, {"format": FORMAT, "entry": "k"}))
+    assert torch.equal(Segment(bytearray(data), "k").tensor(1), torch.ones(2, 3))
+    assert torch.equal(decode_segment(bytes(data), "k")[2], torch.zeros(4))
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    header["i1"]["shape"] = [2, 4]  # more elements than its bytes hold
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    assert len(text) == n
+    lying = data[:8] + text + data[8 + n :]
+    digest = header["__metadata__"]["sha256"]
+    at = lying.index(digest.encode())
+    fixed = lying[:at] + hashlib.sha256(lying[:at] + b"0" * 64 + lying[at + 64 :]).hexdigest().encode()
+    fixed += lying[at + 64 :]  # a valid checksum: only the span check can tell
+    with pytest.raises(CorruptSegment, match="do not match its shape"):
+        Segment(bytearray(fixed), "k")
+    with pytest.raises(CorruptSegment, match="not a segment of this entry"):
+        Segment(bytearray(data), "another")
 
 
 def test_an_unbound_domain_stays_in_memory(tmp_path):
