@@ -13,6 +13,7 @@ root in :mod:`finetune.config`.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ __all__ = [
     "save_config",
     "to_dict",
 ]
+
+log = logging.getLogger(__name__)
 
 
 DEEPSPEED_DERIVED = {
@@ -121,7 +124,9 @@ class OptimConfig(Section):
     eps: float = 1e-8
     """AdamW epsilon."""
     warmup_steps: int = 100
-    """Optimizer steps of linear warm-up from 0 to the peak rate."""
+    """Optimizer steps of linear warm-up from 0 to the peak rate. Made to fit the run (:func:`fit_warmup`): left
+    unset, a tenth of max_steps where that is less than 100; set longer than max_steps, a tenth of max_steps (with a
+    warning). The saved config holds the warm-up used."""
     max_steps: int = 10_000
     """Optimizer steps of the run (each takes optim.grad_accum micro-batches on every rank)."""
     schedule: Literal["cosine", "constant"] = "cosine"
@@ -285,7 +290,9 @@ class TrainConfig(Section):
     def derive(cls, given: Mapping[str, Any], table: dict[str, Any]) -> None:
         """Each value in one key: the stream's tokenizer is the text encoder's (model.text.name_or_path) and its
         history window the position table's (model.user.max_seq_len), unless a layer set them (a saved config
-        holds both; a window may be shorter; another tokenizer is refused by :meth:`validate`)."""
+        holds both; a window may be shorter; another tokenizer is refused by :meth:`validate`); the warm-up fits the
+        run (:func:`fit_warmup`)."""
+        fit_warmup(given, table)
         stream, given_stream = _lookup(table, "data.stream"), _lookup(given, "data.stream")
         if not isinstance(stream, dict):
             return  # not a table: building it says so
@@ -367,6 +374,28 @@ class TrainConfig(Section):
             "model.text.config_overrides.max_position_embeddings",
             f"({max_positions}) must be >= data.stream.max_text_len ({stream.max_text_len})",
         )
+
+
+WARMUP_SHARE = 10
+"""A warm-up that does not fit the run becomes max_steps // WARMUP_SHARE optimizer steps (a tenth of the run)."""
+
+
+def fit_warmup(given: Mapping[str, Any], table: dict[str, Any]) -> None:
+    """Make optim.warmup_steps fit optim.max_steps in ``table``: the default (unset in ``given``) becomes a tenth of
+    the run where that is shorter, and a warm-up set longer than the run is cut to a tenth of it, with a warning
+    (rank 0; logged at load, before the run's logging is set up). A warm-up set within the run is kept."""
+    optim = table.get("optim")
+    warmup, steps = (optim.get("warmup_steps"), optim.get("max_steps")) if isinstance(optim, dict) else (None, None)
+    if type(warmup) is not int or type(steps) is not int or steps < 1:
+        return  # a wrong type or value is the schema's error to report
+    share = steps // WARMUP_SHARE
+    if _lookup(given, "optim.warmup_steps") is None:
+        optim["warmup_steps"] = min(warmup, share)
+    elif warmup > steps:
+        optim["warmup_steps"] = share
+        if os.environ.get("RANK", "0") == "0":
+            log.warning("optim.warmup_steps (%d) is longer than the run, optim.max_steps (%d): warming up for %d "
+                        "steps instead (a tenth of the run)", warmup, steps, share)  # fmt: skip
 
 
 # ---- the schema's files and tables (pretrain.configlib with this root) -----------------------------------

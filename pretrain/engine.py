@@ -7,7 +7,8 @@ optimizer and schedule :mod:`pretrain.optim`'s, the metrics writer :mod:`pretrai
 (:class:`~shards.stream.SequenceStream`), so no rank waits in a collective the others never reach.
 
 Rank discipline: only rank 0 prints and writes (TensorBoard in ``run.out_dir/tb``, ``metrics.jsonl``, the resolved
-``config.json``); every rank takes part in collectives, checkpoint saves and the export.
+``config.json``, the parameters per part in ``parameters.json``); every rank takes part in collectives,
+checkpoint saves and the export.
 
 Finetuning reuses this engine: :func:`train` takes the model to train from a ``model_factory`` (finetune's loads
 the pretrained weights and applies its mode) and writes ``model/`` and ``best/`` with an ``exporter`` (finetune's
@@ -46,6 +47,7 @@ from .ds_config import deepspeed_config
 from .export import Exporter, ModelFactory, export, new_model
 from .model import Catalog
 from .optim import adamw, lr_schedule, param_groups
+from .parts import Counts, log_counts, parameter_counts, save_counts
 from .runlog import STREAM_STATS, Meter, RunLog, logged_values, window_metrics
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,8 @@ class Run:
     train_s: float = 0.0
     """Seconds spent in training steps (data, forward, backward, optimizer) in this process; validation,
     checkpoints and exports not included."""
+    params: Counts = field(default_factory=dict)
+    """Trainable and total parameters per part (:mod:`pretrain.parts`), counted before ZeRO-3 partitions them."""
 
     @property
     def tracks_best(self) -> bool:
@@ -147,6 +151,7 @@ def build(cfg: TrainConfig, dist: Dist, model_factory: ModelFactory = new_model,
         model.bind_items(domain, folder, cfg.data.stream)
     if cfg.engine.precision == "bf16":
         norm_buffers_to_bf16(model)
+    params = parameter_counts(model)  # before deepspeed.initialize: ZeRO-3 leaves numel() 0
     seed_everything(cfg.engine.seed + dist.rank)  # dropout and sampled negatives differ across ranks
     o = cfg.optim
     optimizer = adamw(param_groups(model, o), o)
@@ -159,7 +164,9 @@ def build(cfg: TrainConfig, dist: Dist, model_factory: ModelFactory = new_model,
         dist_init_required=False,
     )
     gather = GatherNegatives(dist.rank, dist.device) if cfg.loss.gather_negatives and dist.world_size > 1 else None
-    return Run(cfg, dist, engine, stream, catalog, folders, gather, export=exporter, model_factory=model_factory)
+    run = Run(cfg, dist, engine, stream, catalog, folders, gather, export=exporter, model_factory=model_factory)
+    run.params = params
+    return run
 
 
 def _open_writer(run: Run, resumed: bool) -> None:
@@ -206,6 +213,9 @@ def _train(cfg: TrainConfig, dist: Dist, model_factory: ModelFactory, exporter: 
             restore_best(run)
         if dist.rank == 0:
             save_config(cfg, run.out_dir / "config.json")
+            save_counts(run.params, run.out_dir)
+            if model_factory is new_model:  # finetune's factory logs the table with its mode (finetune.run)
+                log_counts(log, run.params)
         _open_writer(run, resumed)
         try:
             last = loop(run)

@@ -51,6 +51,7 @@ import torch
 
 from shards import schema
 from shards.errors import InputError
+from shards.progress import bar
 from shards.stream_config import Split, StreamConfig
 
 from . import distributed
@@ -217,16 +218,19 @@ def evaluate_domain(
     rank, world = distributed.ranks()
     counts: Counter = Counter()
     tallies = {}
+    expected = manifest.n_users if not opts.users else min(opts.users, manifest.n_users)
     for split in opts.splits:
         tally = Tally(opts.rankings)
         counted = counts if split == opts.splits[0] else None  # every split reads the same samples
         users = held_out_users(folder, split, stream_cfg.max_seq_len, opts.users, opts.seed, rank, world, counted)
-        for group in _batched(users, opts.batch_size):
-            ranker.add(tally, split, group)
+        share = -(-expected // world)  # rank 0's: users are dealt round-robin from it
+        with bar(total=share, enabled=rank == 0, desc=f"ranking {manifest.domain} {split}", unit="user") as progress:
+            for group in _batched(users, opts.batch_size):
+                ranker.add(tally, split, group)
+                progress.update(len(group))
         tally.all_reduce(device)
         tallies[split] = tally
     # every rank reads every sample: its counts are the domain's
-    expected = manifest.n_users if not opts.users else min(opts.users, manifest.n_users)
     _check_users(folder, {split: int(t.users[0]) for split, t in tallies.items()}, expected, counts, opts)
     return DomainResult(manifest.domain, str(folder), manifest.n_items, tallies, buckets, counts["bad_samples"],
                         expected)  # fmt: skip

@@ -29,6 +29,7 @@ from . import schema
 from .errors import InputError
 from .inspect import read_shard
 from .outdir import atomic_folder
+from .progress import bar
 from .writer import sha256_file, write_shards
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,8 @@ def subset(folder: str | Path, out: str | Path, fraction: float, seed: int = 0, 
     if out.exists() and not overwrite:
         raise InputError(f"output folder {out} exists; pass --overwrite to replace it")
     manifest = schema.load_manifest(folder)
-    ids = [_json_id(raw) for raw in _raw_samples(folder, manifest, fields=("json",))]
+    raws = _raw_samples(folder, manifest, fields=("json",))
+    ids = [_json_id(raw) for raw in bar(raws, enabled=progress, total=manifest.n_users, desc="user ids", unit="user")]
     if len(ids) != manifest.n_users:
         raise InputError(f"{folder}: the sequences shards hold {len(ids)} users, the manifest says "
                          f"{manifest.n_users}; run 'python -m shards verify {folder}'")  # fmt: skip

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from finetune.__main__ import main
 from finetune.config import FinetuneTrainConfig, config_help, from_dict, load_config
+from finetune.run import resolve_config
 from pretrain import config as pretrain_config
 from pretrain.configlib import all_keys, to_dict
 
@@ -50,3 +52,17 @@ def test_finetune_rules_live_in_the_config() -> None:
 def test_help_lists_the_finetune_section_and_pretrainings_does_not() -> None:
     assert "finetune.lora_rank: int = 8" in config_help()
     assert "finetune." not in pretrain_config.config_help()
+
+
+@pytest.mark.parametrize(("steps", "warmup"), [(30, 3), (99, 9), (150, 15), (2000, 100)])
+def test_finetunes_default_warmup_fits_a_short_run(steps: int, warmup: int, capsys) -> None:
+    # optim is not inherited from the pretrained run: finetune's warm-up is the default, 100 steps, unless set
+    assert main(["--from", "none", "--data", "target", f"optim.max_steps={steps}", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)["optim"]  # what --print-config shows is what the run saves
+    assert (printed["max_steps"], printed["warmup_steps"]) == (steps, warmup)
+
+
+def test_a_finetune_warmup_set_longer_than_the_run_is_cut_with_a_warning(caplog) -> None:
+    cfg = resolve_config("none", ["target"], "lora", (), ["optim.max_steps=40", "optim.warmup_steps=100"])
+    assert cfg.optim.warmup_steps == 4
+    assert [r.levelname for r in caplog.records if "longer than the run" in r.getMessage()] == ["WARNING"]

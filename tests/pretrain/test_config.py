@@ -163,7 +163,6 @@ def test_bad_toml_names_the_file(tmp_path: Path) -> None:
         (["model.image.init=pretrained"], r"model\.image\.name_or_path is needed"),
         (["model.image.config_overrides.image_size=64"], r"model\.image\.config_overrides\.image_size"),
         (["model.text.config_overrides.max_position_embeddings=8"], r"max_position_embeddings \(8\) must be >="),
-        (["optim.warmup_steps=20", "optim.max_steps=10"], r"optim\.warmup_steps \(20\) must be <= optim\.max_steps"),
         (["engine.offload_optimizer=true"], r"engine\.offload_optimizer needs engine\.zero_stage >= 1"),
         (["data.domains=a,a"], r"data\.domains lists \['a'\] more than once"),
         (["loss.cpc=1", "loss.cpc_prefix=50"], r"loss\.cpc_prefix \(50\) must be < data\.stream\.max_seq_len"),
@@ -185,11 +184,52 @@ def test_frozen_towers_are_cached_by_default_and_an_unfrozen_one_needs_nothing_t
 def test_sections_validate_when_built_in_python() -> None:
     with pytest.raises(ValueError, match=r"optim\.lr must be > 0"):
         OptimConfig(lr=0)
+    with pytest.raises(ValueError, match=r"optim\.warmup_steps \(20\) must be <= optim\.max_steps \(10\)"):
+        OptimConfig(warmup_steps=20, max_steps=10)  # built in Python nothing is fitted (fit_warmup is loading's)
     with pytest.raises(ValueError, match=r"model\.user\.max_seq_len"):
         TrainConfig(model=ModelConfig(user=UserEncoderConfig(max_seq_len=10)))  # the stream's window stays 50
 
 
 # ---- each value in one key ------------------------------------------------------------------------------------
+
+
+def test_a_warmup_set_longer_than_the_run_is_cut_to_a_tenth_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING", logger="pretrain.config"):
+        cfg = load_config(ROOT / "launch/configs/small_cpu.toml", ["optim.max_steps=16"])  # its warm-up is 20
+    assert (cfg.optim.warmup_steps, cfg.optim.max_steps) == (1, 16)
+    lines = [r.getMessage() for r in caplog.records if r.name == "pretrain.config"]
+    assert lines == ["optim.warmup_steps (20) is longer than the run, optim.max_steps (16): warming up for 1 steps "
+                     "instead (a tenth of the run)"]  # fmt: skip
+    save_config(cfg, tmp_path / "config.json")  # the saved config tells the warm-up used, and loads without a word
+    caplog.clear()
+    assert json.loads((tmp_path / "config.json").read_text())["optim"]["warmup_steps"] == 1
+    assert load_config(tmp_path / "config.json") == cfg and not caplog.records
+
+
+@pytest.mark.parametrize(
+    ("overrides", "warmup"),
+    [
+        (["optim.max_steps=30"], 3),  # the default (100) is cut to a tenth of a short run
+        (["optim.max_steps=5"], 0),
+        (["optim.max_steps=999"], 99),
+        (["optim.max_steps=1000"], 100),  # from 1000 steps on the default holds
+        (["optim.max_steps=30", "optim.warmup_steps=30"], 30),  # a warm-up set within the run is kept
+        (["optim.max_steps=30", "optim.warmup_steps=12"], 12),
+        (["optim.max_steps=30", "optim.warmup_steps=31"], 3),
+    ],
+)
+def test_the_warmup_fits_the_run(overrides: list[str], warmup: int, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = load_config(None, overrides)
+    assert cfg.optim.warmup_steps == warmup
+    assert bool(caplog.records) == ("optim.warmup_steps=31" in overrides)  # only a set warm-up that is cut warns
+
+
+def test_only_rank_0_warns_of_a_cut_warmup(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("RANK", "1")
+    assert load_config(None, ["optim.max_steps=10", "optim.warmup_steps=20"]).optim.warmup_steps == 1
+    assert not caplog.records
 
 
 def test_the_stream_follows_the_model_keys_unless_set() -> None:

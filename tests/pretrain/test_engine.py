@@ -26,6 +26,7 @@ from pretrain.engine import train
 from pretrain.export import load_pretrained, new_model
 from pretrain.model import Catalog, Recommender
 from pretrain.optim import lr_factor, param_groups
+from pretrain.parts import parameter_counts
 from pretrain.runlog import Meter
 from tests.testutil import REPO, TINY, hold_lock, other_process, tiny_overrides
 
@@ -82,6 +83,11 @@ def test_the_command_trains_logs_validates_checkpoints_and_exports(folders, tmp_
     model, cfg, catalog = load_pretrained(out / "model")
     assert cfg.optim.max_steps == 8 and catalog == Catalog.from_folders(folders)
     assert not model.training
+    params = json.loads((out / "parameters.json").read_text())  # the table, logged at the start and saved
+    assert params == parameter_counts(new_model(cfg, catalog)) and params["all"]["total"] > 0
+    table = proc.stderr.split("parameters per part:\n", 1)[1].splitlines()[: len(params)]
+    rows = [[part, "trainable", str(r["trainable"]), "of", str(r["total"]), "parameters"] for part, r in params.items()]
+    assert [line.split()[-6:] for line in table] == rows
 
 
 @pytest.mark.parametrize(
