@@ -19,7 +19,8 @@ backbones' part is set through the config (:func:`mode_overrides` writes ``model
 saved config tells what trained; the user encoder and LoRA are set on the built model (:func:`apply_mode`).
 
 The parts of a Recommender, by parameter name (:func:`part_of`): ``text.backbone``, ``text.head`` (pooling and
-projection), ``image.backbone``, ``image.head`` (projection), ``fusion``, ``user``, ``ids``.
+projection), ``image.backbone``, ``image.head`` (projection), ``fusion``, ``user``, ``ids``; they and their
+parameter counts live in :mod:`pretrain.parts` (pretraining reports them too), re-exported here.
 """
 
 from __future__ import annotations
@@ -32,13 +33,13 @@ from torch import nn
 
 from pretrain.backbone import Backbone
 from pretrain.model import Recommender
+from pretrain.parts import PARTS as PARTS
+from pretrain.parts import parameter_counts as parameter_counts
+from pretrain.parts import part_of as part_of
 
-from .config import FinetuneTrainConfig, from_dict
+from .config import FinetuneConfig, FinetuneTrainConfig, from_dict
 
 log = logging.getLogger(__name__)
-
-PARTS = ("text.backbone", "text.head", "image.backbone", "image.head", "fusion", "user", "ids")
-"""The parts of a Recommender, in the order of reports."""
 
 BACKBONE_TRAINABLE = {"full": "all", "top": "top", "adapter": "none", "frozen": "none", "lora": "none"}
 """finetune.mode -> model.text.trainable and model.image.trainable."""
@@ -69,27 +70,6 @@ def mode_overrides(table: dict[str, Any]) -> dict[str, Any]:
     if ft.id_embeddings is not None:
         model["user"] = {"id_embeddings": ft.id_embeddings}
     return {"model": model}
-
-
-def part_of(name: str) -> str:
-    """The part (one of :data:`PARTS`) of the parameter or buffer ``name`` of a Recommender."""
-    head, _, rest = name.partition(".")
-    if head in ("text", "image"):
-        return f"{head}.backbone" if rest.startswith("backbone.") else f"{head}.head"
-    return head
-
-
-def parameter_counts(model: nn.Module) -> dict[str, dict[str, int]]:
-    """``{part: {"trainable": n, "total": n}}`` for the parts the model has, plus ``"all"``. Call it before
-    DeepSpeed ZeRO-3 partitions the parameters (their ``numel()`` is 0 afterwards)."""
-    counts: dict[str, dict[str, int]] = {}
-    for name, param in model.named_parameters():
-        row = counts.setdefault(part_of(name), {"trainable": 0, "total": 0})
-        row["total"] += param.numel()
-        row["trainable"] += param.numel() if param.requires_grad else 0
-    ordered = {part: counts[part] for part in PARTS if part in counts}
-    ordered["all"] = {key: sum(row[key] for row in counts.values()) for key in ("trainable", "total")}
-    return ordered
 
 
 # ---- LoRA ---------------------------------------------------------------------------------------------------
@@ -146,11 +126,24 @@ def _in_top_blocks(backbone: Backbone, names: list[str], k: int, part: str) -> l
     return [n for n in names if id(backbone.model.get_submodule(n)) in top]
 
 
+def lora_config(
+    ft: FinetuneConfig, target_modules: list[str], modules_to_save: list[str] | None = None, base: str | None = None
+) -> Any:
+    """The ``peft.LoraConfig`` of finetune.lora_* on the layers ``target_modules`` (exact names): the one finetuning
+    injects into each host, and the one a saved folder's adapter_config.json holds (for the whole Recommender, with
+    the trained non-LoRA ``modules_to_save`` and the pretrained export as ``base``)."""
+    from peft import LoraConfig
+
+    lora = {"r": ft.lora_rank, "lora_alpha": ft.lora_alpha, "lora_dropout": ft.lora_dropout, "bias": "none"}
+    return LoraConfig(**lora, target_modules=target_modules, modules_to_save=modules_to_save,
+                      base_model_name_or_path=base)  # fmt: skip
+
+
 def add_lora(model: Recommender, cfg: FinetuneTrainConfig) -> dict[str, list[str]]:
     """Inject PEFT LoRA layers (adapter 'default') into each part's host module; returns the adapted layer names
     per part (full names in the host, which PEFT then matches exactly; finetune.lora_top_layers keeps those of the
     item backbones' last blocks). In a host, only the LoRA weights train afterwards (PEFT freezes the rest of it)."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import inject_adapter_in_model
     from peft.tuners.lora import LoraLayer
 
     ft, adapted = cfg.finetune, {}
@@ -165,9 +158,7 @@ def add_lora(model: Recommender, cfg: FinetuneTrainConfig) -> dict[str, list[str
         if not expected:
             adapted[part] = []
             continue
-        config = LoraConfig(r=ft.lora_rank, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout,
-                            target_modules=expected, bias="none")  # fmt: skip
-        inject_adapter_in_model(config, host)
+        inject_adapter_in_model(lora_config(ft, expected), host)
         adapted[part] = [n for n, m in host.named_modules() if isinstance(m, LoraLayer)]
         assert adapted[part] == expected, (part, adapted[part], expected)  # PEFT adapted exactly what we checked
     return adapted

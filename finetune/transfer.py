@@ -18,7 +18,8 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from pretrain.config import TrainConfig
+from pretrain import hub
+from pretrain.config import TrainConfig, to_dict
 from pretrain.export import EXPORT_CONFIG, EXPORT_WEIGHTS, new_model
 from pretrain.model import Catalog, Recommender
 from shards.writer import sha256_file
@@ -68,7 +69,8 @@ class Source:
 
 
 def read_export_config(folder: str | Path) -> dict[str, Any]:
-    """The ``config.json`` document of a pretrained export (format checked; config and catalog inside)."""
+    """The ``config.json`` document of a pretrained export (format checked) as version 1 laid it out, whatever its
+    version: ``config`` the whole resolved config (model and loss included), ``catalog``."""
     folder = Path(folder)
     path = folder / EXPORT_CONFIG
     if not folder.is_dir():
@@ -83,7 +85,9 @@ def read_export_config(folder: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not a momrec pretrained export (format {found!r})")
     if not (folder / EXPORT_WEIGHTS).is_file():
         raise ValueError(f"{folder}: the export has no {EXPORT_WEIGHTS}")
-    return doc
+    doc = hub.read_document(folder)  # any version this momrec reads, as version 2 has it
+    return {"format": doc["format"], "version": doc["version"], "config": to_dict(hub.train_config(doc)),
+            "catalog": doc["catalog"]}  # fmt: skip
 
 
 @dataclass

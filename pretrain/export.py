@@ -1,30 +1,32 @@
-"""The model a config describes: built fresh, exported Hugging Face-style, and loaded back in one call.
+"""The model a config describes: built fresh, exported in the Hugging Face layout, and loaded back in one call.
 
-Export (``run.out_dir/model``): ``config.json`` (the resolved config and the catalog) and ``model.safetensors``
-(the full state dict, gathered across ranks under ZeRO-3); :func:`load_pretrained` rebuilds the model from them
-with :func:`new_model`, the engine's default model factory. The export holds no pickle.
+Export (``run.out_dir/model``, ``best``, ``start``): ``config.json`` (the architecture, the resolved config and the
+catalog), ``model.safetensors`` (the full state dict, gathered across ranks under ZeRO-3) and a model card
+``README.md``; the layout is ``Recommender.save_pretrained``'s (:mod:`pretrain.hub`), so
+``Recommender.from_pretrained(folder)`` reads it too. :func:`load_pretrained` returns the model with its resolved
+config and catalog; it also reads the version 1 layout (config.json + model.safetensors, no card). No pickle.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 from torch import nn
 
-from .config import TrainConfig, from_dict, to_dict
+from . import hub
+from .config import TrainConfig
 from .distributed import rank
+from .hub import EXPORT_CONFIG, EXPORT_WEIGHTS, MODEL_CARD, VERSION
 from .model import Catalog, Recommender
+from .model_card import last_validation
 from .outputs import rank0_folder, tensor_bytes
 
-EXPORT_CONFIG = "config.json"
-EXPORT_WEIGHTS = "model.safetensors"
-VERSION = 1
-"""The export format's version (``config.json``'s ``version``)."""
+__all__ = ["EXPORT_CONFIG", "EXPORT_WEIGHTS", "MODEL_CARD", "VERSION", "export", "load_pretrained", "new_model"]
+CARD_BYTES = 1 << 16
+"""Room reserved for the model card when the export's space is checked."""
 
 ModelFactory = Callable[[TrainConfig, Catalog], nn.Module]
 """Builds the model to train from the resolved config and the catalog of the run's domains (called on every rank
@@ -39,7 +41,9 @@ Exporter = Callable[[Any, TrainConfig, Catalog, Path], Path]
 def new_model(cfg: TrainConfig, catalog: Catalog) -> Recommender:
     """The plain Recommender of ``cfg`` on ``catalog``, freshly initialised (the engine's default
     :data:`ModelFactory`: pretraining)."""
-    return Recommender(cfg.model, cfg.loss, catalog, image_size=cfg.data.stream.image_size)
+    model = Recommender(cfg.model, cfg.loss, catalog, image_size=cfg.data.stream.image_size)
+    model._hub_mixin_config = hub.export_document(cfg, catalog.to_dict())  # what save_pretrained writes
+    return model
 
 
 def gathered_state_dict(engine: Any, to_rank0_only: bool = True) -> dict[str, torch.Tensor]:
@@ -57,36 +61,22 @@ def gathered_state_dict(engine: Any, to_rank0_only: bool = True) -> dict[str, to
 
 
 def export(engine: Any, cfg: TrainConfig, catalog: Catalog, folder: str | Path) -> Path:
-    """Write ``folder/config.json`` and ``folder/model.safetensors`` (rank 0; every rank must call it): the
-    engine's default exporter."""
+    """Write ``folder`` (config.json, model.safetensors, README.md; rank 0, every rank must call it): the engine's
+    default exporter. The card reports the last validation in ``run.out_dir/metrics.jsonl``."""
     folder = Path(folder)
     state = gathered_state_dict(engine, to_rank0_only=True)
-    doc = {"format": "momrec-pretrained", "version": VERSION, "config": to_dict(cfg), "catalog": catalog.to_dict()}
-    text = json.dumps(doc, indent=1) + "\n"
-    with rank0_folder(folder, tensor_bytes(state) + len(text), f"the export {folder}") as tmp:  # space-checked
+    doc = hub.export_document(cfg, catalog.to_dict())
+    needed = tensor_bytes(state) + len(hub.dumps(doc)) + CARD_BYTES
+    with rank0_folder(folder, needed, f"the export {folder}") as tmp:  # space-checked, atomic
         if tmp is not None:
-            safetensors.torch.save_file(state, str(tmp / EXPORT_WEIGHTS), metadata={"format": "pt"})
-            (tmp / EXPORT_CONFIG).write_text(text, encoding="utf-8")
+            hub.write_folder(tmp, engine.module, state, doc, last_validation(cfg.run.out_dir), card_path=folder)
     return folder
 
 
 def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Recommender, TrainConfig, Catalog]:
-    """The exported model (eval mode), its config and catalog; every weight must match the config's model."""
-    folder = Path(folder)
-    try:
-        doc = json.loads((folder / EXPORT_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{folder}: not a momrec export ({e})") from None
-    if doc.get("format") != "momrec-pretrained":
-        raise ValueError(f"{folder / EXPORT_CONFIG}: not a momrec export (format {doc.get('format')!r})")
-    cfg, catalog = from_dict(doc["config"]), Catalog.from_dict(doc["catalog"])
-    model = new_model(cfg, catalog)
-    state = safetensors.torch.load_file(str(folder / EXPORT_WEIGHTS))
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"{folder / EXPORT_WEIGHTS} does not fit its config: missing {missing}, unexpected {unexpected}"
-        )
-    model.load_state_dict(state, strict=True)
-    return model.to(device).eval(), cfg, catalog
+    """The exported model (eval mode), its config and catalog; every weight must match the config's model. Reads
+    format versions 1 and 2; anything else is a one-line ValueError."""
+    doc = hub.read_document(folder)
+    cfg, catalog = hub.train_config(doc), Catalog.from_dict(doc["catalog"])
+    model = Recommender.from_pretrained(folder, map_location=device)
+    return model, cfg, catalog

@@ -25,10 +25,12 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from shards import schema
 
+from . import hub
 from .config import LossConfig, ModelConfig
 from .encoders import ImageEncoder, TextEncoder
 from .feature_store import feature_dir, image_source, text_source
@@ -126,15 +128,19 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1)
 
 
-class Recommender(nn.Module):
-    """Item encoders, fusion, user encoder and objectives; see the module docstring."""
+class Recommender(nn.Module, PyTorchModelHubMixin, library_name="momrec", tags=["sequential-recommendation"]):
+    """Item encoders, fusion, user encoder and objectives; see the module docstring. ``save_pretrained(folder)`` and
+    ``Recommender.from_pretrained(folder)`` (huggingface_hub's mixin) write and read the export (pretrain/hub.py)."""
+
+    _hub_mixin_config: dict[str, Any] = {}  # config.json, set by from_pretrained and new_model: not the mixin's copy
+    # of every constructor's arguments (the catalog's popularity, at each build)
 
     def __init__(self, model: ModelConfig, loss: LossConfig, catalog: Catalog, image_size: int | None = None) -> None:
         """``image_size``: the side of the stream's images (data.stream.image_size), for backbones whose config
         fixes it (ViT)."""
         super().__init__()
         D = model.user.width
-        self.model_cfg, self.loss_cfg, self.catalog = model, loss, catalog
+        self.model_cfg, self.loss_cfg, self.catalog, self.image_size = model, loss, catalog, image_size
         self.queue = NegativeQueue(loss.queue_batches) if loss.queue_batches else None
         self.text = _text_encoder(model, D) if model.text.enabled else None
         self.image = _image_encoder(model, D, image_size) if model.image.enabled else None
@@ -157,6 +163,26 @@ class Recommender(nn.Module):
         self.register_buffer("prototype_of", torch.full((n_rows,), -1, dtype=torch.long))
         self.register_buffer("interests", torch.zeros(P, D))
         assert not (loss.gather_negatives and self.fusion.per_modality_scores), "refused by the config's check"
+
+    # ---- Hugging Face Hub (PyTorchModelHubMixin) ------------------------------------------------------
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """config.json, model.safetensors and README.md; the run's config is the one the model was built or
+        loaded with (``pretrain.export.new_model``, ``from_pretrained``), absent for one built by hand."""
+        doc = hub.document(self.model_cfg, self.loss_cfg, self.catalog.to_dict(), self.image_size,
+                           self._hub_mixin_config.get("config"))  # fmt: skip
+        hub.write_folder(save_directory, self, self.state_dict(), doc)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", **hub_args: Any) -> Recommender:
+        """The model of a folder (or a Hub repository: ``hub_args``) in eval mode; every weight must fit its config."""
+        folder = hub.local_folder(model_id, **hub_args)
+        doc = hub.read_document(folder)
+        cfg = hub.train_config(doc)
+        model = cls(cfg.model, cfg.loss, Catalog.from_dict(doc["catalog"]), image_size=doc["image_size"])
+        model._hub_mixin_config = doc
+        hub.load_weights(model, folder)
+        return model.to(map_location).eval()
 
     # ---- items ----------------------------------------------------------------------------------------
 

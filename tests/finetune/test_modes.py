@@ -12,7 +12,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from finetune.export import WEIGHTS, load_finetuned, save_finetuned
+from finetune.export import WEIGHTS, load_finetuned, save_finetuned, saved_tensors
 from finetune.modes import PARTS, part_of
 from finetune.run import resolve_config
 from finetune.transfer import CATALOG_DEPENDENT, Source, prepare_model, transfer_weights
@@ -235,7 +235,7 @@ def test_save_and_reload_give_identical_scores(pretrained, domains, tmp_path: Pa
     assert not torch.equal(before, expected)
     folder = save_finetuned(model, cfg, Catalog.from_folders(cfg.data.domains), prep.source, tmp_path / "ft")
 
-    saved = set(safetensors.torch.load_file(str(folder / WEIGHTS)))
+    saved = set(saved_tensors(folder))  # by the model's names (a LoRA folder's file has PEFT's: test_peft_folder.py)
     params = dict(model.named_parameters())
     assert {n for n, p in params.items() if p.requires_grad} <= saved
     assert all(params[n].requires_grad for n in saved if n in params)  # only trained parameters, plus buffers
