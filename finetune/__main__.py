@@ -98,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.help_config:
         print(config_help(), end="")
         return 0
+    setup_logging()  # before the config loads: its notes (a warm-up cut to the run) are log lines too
     try:
         from .run import resolve_config
 
@@ -105,7 +106,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.print_config:
             print(json.dumps(to_dict(cfg), indent=2))
             return 0
-        setup_logging()
         from pretrain.distributed import shutdown
 
         from .run import finetune

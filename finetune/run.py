@@ -16,11 +16,12 @@ score of the pretrained model, or of the untrained control.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,8 @@ def resolve_config(
         flags.append(f"finetune.mode={mode}")
     cli = [*flags, *overrides]
     if from_path is None:  # set in a file or an override: a first pass finds it (the pretrained layer lies below)
-        from_path = load_config(config_files, cli, base=DEFAULTS, implied=mode_overrides).finetune.from_path
+        with _silenced("pretrain.config"):  # its notes (a warm-up cut to the run) come once, from the pass below
+            from_path = load_config(config_files, cli, base=DEFAULTS, implied=mode_overrides).finetune.from_path
     check_source(from_path)
     base = copy.deepcopy(DEFAULTS)
     if from_path != NONE:
@@ -80,6 +82,18 @@ def resolve_config(
     cfg.check_ready()
     check_on_disk(cfg.model.backbone_names())  # one line now, not a traceback after the start-up
     return cfg
+
+
+@contextlib.contextmanager
+def _silenced(name: str) -> Iterator[None]:
+    """The logger ``name`` says nothing inside the block."""
+    logger = logging.getLogger(name)
+    was = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = was
 
 
 # ---- the run ----------------------------------------------------------------------------------------------

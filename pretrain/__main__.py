@@ -35,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.help_config:
         print(config_help(), end="")
         return 0
+    setup_logging()  # before the config loads: its notes (a warm-up cut to the run) are log lines too
     try:
         cfg = load_config(args.config, run_overrides(args))
         if args.print_config:
@@ -47,7 +48,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .families import check_on_disk  # imports torch: only past --help and --print-*
 
         check_on_disk(cfg.model.backbone_names())  # one line now, not a traceback after the start-up
-        setup_logging()
         from .distributed import CollectiveError, shutdown
         from .engine import train  # imports DeepSpeed: only when training
 

@@ -66,3 +66,12 @@ def test_a_finetune_warmup_set_longer_than_the_run_is_cut_with_a_warning(caplog)
     cfg = resolve_config("none", ["target"], "lora", (), ["optim.max_steps=40", "optim.warmup_steps=100"])
     assert cfg.optim.warmup_steps == 4
     assert [r.levelname for r in caplog.records if "longer than the run" in r.getMessage()] == ["WARNING"]
+
+
+def test_the_warmup_warning_comes_once_when_the_source_is_set_in_a_file(tmp_path: Path, caplog) -> None:
+    # --from in a file: a first pass over the files finds it, the second builds the config; one warning, not two
+    file = tmp_path / "ft.toml"
+    file.write_text('[finetune]\nfrom_path = "none"\n', encoding="utf-8")
+    cfg = resolve_config(None, ["target"], "lora", [file], ["optim.max_steps=40", "optim.warmup_steps=100"])
+    assert cfg.optim.warmup_steps == 4
+    assert [r.levelname for r in caplog.records if "longer than the run" in r.getMessage()] == ["WARNING"]
