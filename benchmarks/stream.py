@@ -10,6 +10,10 @@ Everything is measured in one run on one machine, so the ratios compare like wit
   and through the stream's decode + resize + crop into uint8 batches (as many images a batch as the stream's), in
   this process with one thread.
 
+The three are measured in ``--rounds`` interleaved rounds (stream epoch, PIL decode, PIL + transform; again) and the
+medians are reported, with the spread of the per-round ratios: on the shared machines measured here a process's
+speed drifts by up to 1.5x within a minute, so one measurement of each in a fixed order biases their ratio.
+
 The stream runs in several processes (its DataLoader workers and this one), PIL in one, so images per second of
 wall-clock time do not compare them per core. The ratios are per core: images per CPU-second, counting the CPU time
 of every process involved (this one and its reaped workers, from ``os.times()``). CPU time is also what stays
@@ -23,6 +27,7 @@ import io
 import json
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -61,6 +66,8 @@ class BenchOptions:
     """DataLoader workers of the stream."""
     build_workers: int = 1
     """Image re-encoding processes of the build."""
+    rounds: int = 3
+    """Interleaved rounds of the stream epoch and the two PIL measurements (medians reported)."""
 
 
 class _Clock:
@@ -104,15 +111,29 @@ def _catalog_jpegs(folder: Path) -> list[bytes]:
             if (it := schema.decode_item(raw)).image is not None]  # fmt: skip
 
 
+MIN_CPU_S = 0.5
+"""A PIL measurement repeats its ``n`` images until it has used this much CPU time (the clock ticks in 10 ms)."""
+
+
 def _pil_rate(jpegs: list[bytes], n: int, size: int, per_batch: int = 0) -> tuple[float, float]:
-    """Images per wall-clock and per CPU second decoding ``n`` of the catalog's JPEGs (cycling); with ``per_batch``,
-    also transformed to uint8 batches of that many images, as a stream worker collates them.
+    """Images per wall-clock and per CPU second decoding ``n`` of the catalog's JPEGs (cycling; the ``n`` again until
+    :data:`MIN_CPU_S` is spent); with ``per_batch``, also transformed to uint8 batches of that many images, as a
+    stream worker collates them.
 
     One torch thread, as in a DataLoader worker (torch's intra-op threads slow small per-image copies down).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    clock = _Clock()
+    clock, done = _Clock(), 0
+    while done == 0 or clock.read()[1] < MIN_CPU_S:
+        _pil_pass(jpegs, n, size, per_batch)
+        done += n
+    wall, cpu = clock.read()
+    torch.set_num_threads(threads)
+    return done / wall, done / cpu
+
+
+def _pil_pass(jpegs: list[bytes], n: int, size: int, per_batch: int) -> None:
     if per_batch:
         for start in range(0, n, per_batch):
             decoded = [decode_image(jpegs[i % len(jpegs)], size) for i in range(start, min(n, start + per_batch))]
@@ -120,9 +141,6 @@ def _pil_rate(jpegs: list[bytes], n: int, size: int, per_batch: int = 0) -> tupl
     else:
         for i in range(n):
             Image.open(io.BytesIO(jpegs[i % len(jpegs)])).convert("RGB")
-    wall, cpu = clock.read()
-    torch.set_num_threads(threads)
-    return n / wall, n / cpu
 
 
 def run(opts: BenchOptions, input_dir: Path | None = None, fmt: str = "generic") -> dict[str, float]:
@@ -135,27 +153,40 @@ def run(opts: BenchOptions, input_dir: Path | None = None, fmt: str = "generic")
         build_opts = BuildOptions(format=fmt, image_size=opts.image_size, samples_per_shard=64,
                                   workers=opts.build_workers)  # fmt: skip
         manifest, build_s = _timed(build, input_dir, out, build_opts, progress=False)
-        sequences, images, batches, stream_s, stream_cpu_s = _stream_epoch(out, opts)
         jpegs = _catalog_jpegs(out)
-        n = max(images, 1)
-        pil, pil_cpu = _pil_rate(jpegs, n, opts.image_size)
-        pil_transform, pil_transform_cpu = _pil_rate(jpegs, n, opts.image_size, per_batch=-(-n // max(batches, 1)))
+        rounds = [_round(out, jpegs, opts) for _ in range(max(1, opts.rounds))]
+        r = {k: statistics.median(x[k] for x in rounds) for k in rounds[0]}
+        ratios = [x["stream_images_per_cpu_s"] / x["pil_decode_images_per_cpu_s"] for x in rounds]
         result = {
             "catalog_items": manifest["counts"]["items"],
             "users": manifest["counts"]["users"],
             "build_items_per_s": manifest["counts"]["items"] / build_s,
             "build_interactions_per_s": manifest["counts"]["interactions"] / build_s,
-            "stream_sequences_per_s": sequences / stream_s,
-            "stream_images_per_s": images / stream_s,
-            "stream_images_per_cpu_s": images / stream_cpu_s,
-            "pil_decode_images_per_s": pil,
-            "pil_decode_images_per_cpu_s": pil_cpu,
-            "pil_decode_transform_images_per_s": pil_transform,
-            "pil_decode_transform_images_per_cpu_s": pil_transform_cpu,
-            "stream_vs_pil_decode_per_core": (images / stream_cpu_s) / pil_cpu,
+            **r,
+            "stream_vs_pil_decode_per_core": r["stream_images_per_cpu_s"] / r["pil_decode_images_per_cpu_s"],
+            "stream_vs_pil_decode_per_core_min": min(ratios),
+            "stream_vs_pil_decode_per_core_max": max(ratios),
+            "rounds": len(rounds),
             "shard_bytes": sum(s["bytes"] for k in ("items", "seqs") for s in manifest["shards"][k]),
         }
     return result
+
+
+def _round(out: Path, jpegs: list[bytes], opts: BenchOptions) -> dict[str, float]:
+    """One round: a stream epoch, then as many of the catalog's JPEGs through PIL alone and through the transform."""
+    sequences, images, batches, stream_s, stream_cpu_s = _stream_epoch(out, opts)
+    n = max(images, 1)
+    pil, pil_cpu = _pil_rate(jpegs, n, opts.image_size)
+    pil_transform, pil_transform_cpu = _pil_rate(jpegs, n, opts.image_size, per_batch=-(-n // max(batches, 1)))
+    return {
+        "stream_sequences_per_s": sequences / stream_s,
+        "stream_images_per_s": images / stream_s,
+        "stream_images_per_cpu_s": images / stream_cpu_s,
+        "pil_decode_images_per_s": pil,
+        "pil_decode_images_per_cpu_s": pil_cpu,
+        "pil_decode_transform_images_per_s": pil_transform,
+        "pil_decode_transform_images_per_cpu_s": pil_transform_cpu,
+    }
 
 
 def report(r: dict[str, float], opts: BenchOptions) -> str:
@@ -180,7 +211,9 @@ def report(r: dict[str, float], opts: BenchOptions) -> str:
     width = max(len(n) for n, _, _ in rows)
     tail = (
         f"stream / PIL decode: {r['stream_vs_pil_decode_per_core']:.2f}x per core"
-        " (images per CPU-second, all the stream's processes counted)"
+        " (images per CPU-second, all the stream's processes counted; medians of"
+        f" {r['rounds']:.0f} interleaved rounds, whose ratios ran {r['stream_vs_pil_decode_per_core_min']:.2f}"
+        f"-{r['stream_vs_pil_decode_per_core_max']:.2f}x)"
     )
     return "\n".join([head] + [f"  {n:<{width}}  {v:<34} {ratio}" for n, v, ratio in rows] + [tail])
 

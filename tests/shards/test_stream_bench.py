@@ -1,0 +1,36 @@
+"""benchmarks.stream: rounds of the stream epoch and the two PIL measurements, interleaved, reported as medians with
+the spread of the per-round ratios (speeds, not timed: only that the numbers are consistent with each other)."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from benchmarks import stream
+
+
+def test_the_ratio_is_the_median_rounds_and_its_spread_holds_it(monkeypatch) -> None:
+    seen: list[dict[str, float]] = []
+    real = stream._round
+
+    def recorded(*args, **kw):
+        seen.append(real(*args, **kw))
+        return seen[-1]
+
+    monkeypatch.setattr(stream, "_round", recorded)
+    opts = stream.BenchOptions(users=30, items=40, source_image_size=48, image_size=32, batch_size=4,
+                               num_workers=0, rounds=3)  # fmt: skip
+    r = stream.run(opts)
+    assert r["rounds"] == 3 and len(seen) == 3
+    for key in ("stream_images_per_cpu_s", "pil_decode_images_per_cpu_s", "pil_decode_transform_images_per_s"):
+        assert r[key] == statistics.median(x[key] for x in seen) > 0
+    assert r["stream_vs_pil_decode_per_core"] == pytest.approx(
+        r["stream_images_per_cpu_s"] / r["pil_decode_images_per_cpu_s"]
+    )
+    ratios = [x["stream_images_per_cpu_s"] / x["pil_decode_images_per_cpu_s"] for x in seen]
+    assert (r["stream_vs_pil_decode_per_core_min"], r["stream_vs_pil_decode_per_core_max"]) == (
+        min(ratios),
+        max(ratios),
+    )
+    assert "3 interleaved rounds" in stream.report(r, opts)
