@@ -93,9 +93,9 @@ def _architecture(cfg: TrainConfig) -> list[str]:
 
 def _training(cfg: TrainConfig) -> list[str]:
     o, e = cfg.optim, cfg.engine
-    encoder_lr = "lr" if o.encoder_lr is None else f"{o.encoder_lr:g}"
+    encoder_lr = "the same" if o.encoder_lr is None else f"{o.encoder_lr:g}"
     return [
-        f"- training: {o.max_steps} steps, lr {o.lr:g} (encoders {encoder_lr}), "
+        f"- training: {o.max_steps} steps, lr {o.lr:g} (pretrained encoders: {encoder_lr}), "
         f"{o.schedule} schedule, warm-up {o.warmup_steps}, micro-batch {cfg.data.stream.batch_size}, "
         f"ZeRO {e.zero_stage}, {e.precision}, seed {e.seed}"
     ]
