@@ -113,8 +113,8 @@ class Family:
         raise NotImplementedError
 
 
-class _BertLike(Family):
-    """BERT, RoBERTa, MiniLM, ELECTRA...: ``embeddings`` then ``encoder.layer``. The NSP pooler is dropped."""
+class _Transformer(Family):
+    """A Transformer whose stem is ``embeddings``; its pooler (BERT's NSP head, ViT's) is unused and dropped."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -123,6 +123,10 @@ class _BertLike(Family):
 
     def stem(self) -> nn.Module:
         return self.model.embeddings
+
+
+class _BertLike(_Transformer):
+    """BERT, RoBERTa, MiniLM, ELECTRA...: ``embeddings`` then ``encoder.layer``. The NSP pooler is dropped."""
 
     def blocks(self) -> list[nn.Module]:
         return list(self.model.encoder.layer)
@@ -141,16 +145,8 @@ class _BertLike(Family):
         return out[0] if isinstance(out, tuple) else out
 
 
-class _ViT(Family):
+class _ViT(_Transformer):
     """ViT: ``embeddings`` then ``layers`` (``encoder.layer`` before transformers 5), ``layernorm``; pooled = CLS."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        if getattr(model, "pooler", None) is not None:
-            model.pooler = None
-
-    def stem(self) -> nn.Module:
-        return self.model.embeddings
 
     def blocks(self) -> list[nn.Module]:
         layers = getattr(self.model, "layers", None)
