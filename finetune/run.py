@@ -33,6 +33,7 @@ from pretrain.distributed import init_distributed, rank
 from pretrain.families import check_on_disk
 from pretrain.lock import rank0_lock
 from pretrain.model import Catalog, Recommender
+from pretrain.parts import count_lines
 from pretrain.runlog import RunLog, memory_gb
 from shards.subset import catalog_id
 
@@ -127,8 +128,8 @@ def _log_prepared(cfg: TrainConfig, prepared: Prepared) -> None:
         t = prepared.transfer
         log.info("loaded %d pretrained tensors; not loaded (catalog-dependent or finetune.fresh) %s; fresh %s",
                  len(t.loaded), t.skipped, t.fresh)  # fmt: skip
-    for part, row in prepared.params.items():
-        log.info("  %-15s trainable %10d of %10d parameters", part, row["trainable"], row["total"])
+    for line in count_lines(prepared.params):
+        log.info(line)
     _log_optim(cfg, prepared)
     for part, layers in prepared.lora.items():
         if not layers:

@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from .config import TrainConfig, from_dict, to_dict
-from .model_card import model_card, state_counts
+from .model_card import model_card
 from .model_config import LossConfig, ModelConfig
+from .parts import parameter_counts
 
 EXPORT_CONFIG = "config.json"
 EXPORT_WEIGHTS = "model.safetensors"
@@ -130,7 +131,7 @@ def write_folder(
     as ``card_path``, default ``folder``)."""
     folder = Path(folder)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    card = model_card(doc, train_config(doc), state_counts(module, state), metrics or {}, card_path or folder)
+    card = model_card(doc, train_config(doc), parameter_counts(module, state), metrics or {}, card_path or folder)
     safetensors.torch.save_file(tensors, str(folder / EXPORT_WEIGHTS), metadata={"format": "pt"})
     (folder / EXPORT_CONFIG).write_text(dumps(doc), encoding="utf-8")
     (folder / MODEL_CARD).write_text(card, encoding="utf-8")

@@ -13,28 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from .config import TrainConfig
-from .parts import PARTS, Counts, part_of
+from .parts import Counts
 
 FRONT_MATTER = "---\nlibrary_name: momrec\ntags:\n- sequential-recommendation\n- multimodal\n- momrec\n---\n"
-
-
-def state_counts(module: nn.Module, state: Mapping[str, torch.Tensor]) -> Counts:
-    """``{part: {"trainable": n, "total": n}}`` plus ``"all"``, the sizes taken from ``state`` (whole tensors: under
-    ZeRO-3 the module's own parameters are partitions), trainable from the module's ``requires_grad``."""
-    counts: Counts = {}
-    for name, param in module.named_parameters():
-        n = state[name].numel() if name in state else param.numel()
-        row = counts.setdefault(part_of(name), {"trainable": 0, "total": 0})
-        row["total"] += n
-        row["trainable"] += n if param.requires_grad else 0
-    ordered = {part: counts[part] for part in PARTS if part in counts}
-    ordered.update({part: row for part, row in counts.items() if part not in ordered})
-    ordered["all"] = {key: sum(row[key] for row in counts.values()) for key in ("trainable", "total")}
-    return ordered
 
 
 def last_validation(out_dir: str | Path) -> dict[str, float]:

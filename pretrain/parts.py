@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from torch import nn
 
 PARTS = ("text.backbone", "text.head", "image.backbone", "image.head", "fusion", "user", "ids")
@@ -31,14 +33,16 @@ def part_of(name: str) -> str:
     return head
 
 
-def parameter_counts(model: nn.Module) -> Counts:
-    """``{part: {"trainable": n, "total": n}}`` for the parts the model has, plus ``"all"``. Call it before
-    DeepSpeed ZeRO-3 partitions the parameters (their ``numel()`` is 0 afterwards)."""
+def parameter_counts(model: nn.Module, state: Mapping[str, torch.Tensor] | None = None) -> Counts:
+    """``{part: {"trainable": n, "total": n}}`` for the parts the model has, plus ``"all"``; trainable from each
+    parameter's ``requires_grad``. Sizes from the parameters themselves, so call it before DeepSpeed ZeRO-3
+    partitions them (their ``numel()`` is 0 afterwards), or from ``state``, a full state dict gathered after it."""
     counts: Counts = {}
     for name, param in model.named_parameters():
+        n = state[name].numel() if state is not None and name in state else param.numel()
         row = counts.setdefault(part_of(name), {"trainable": 0, "total": 0})
-        row["total"] += param.numel()
-        row["trainable"] += param.numel() if param.requires_grad else 0
+        row["total"] += n
+        row["trainable"] += n if param.requires_grad else 0
     ordered = {part: counts[part] for part in PARTS if part in counts}
     ordered.update({part: row for part, row in counts.items() if part not in ordered})  # a part not in PARTS
     ordered["all"] = {key: sum(row[key] for row in counts.values()) for key in ("trainable", "total")}
