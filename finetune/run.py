@@ -16,17 +16,17 @@ score of the pretrained model, or of the untrained control.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pretrain.cli import quiet_loggers
 from pretrain.config import TrainConfig
 from pretrain.configlib import deep_merge
 from pretrain.distributed import init_distributed, rank
@@ -69,7 +69,7 @@ def resolve_config(
         flags.append(f"finetune.mode={mode}")
     cli = [*flags, *overrides]
     if from_path is None:  # set in a file or an override: a first pass finds it (the pretrained layer lies below)
-        with _silenced("pretrain.config"):  # its notes (a warm-up cut to the run) come once, from the pass below
+        with quiet_loggers("pretrain.config"):  # its notes (a warm-up cut to the run) come once, from the pass below
             from_path = load_config(config_files, cli, base=DEFAULTS, implied=mode_overrides).finetune.from_path
     check_source(from_path)
     base = copy.deepcopy(DEFAULTS)
@@ -83,18 +83,6 @@ def resolve_config(
     cfg.check_ready()
     check_on_disk(cfg.model.backbone_names())  # one line now, not a traceback after the start-up
     return cfg
-
-
-@contextlib.contextmanager
-def _silenced(name: str) -> Iterator[None]:
-    """The logger ``name`` says nothing inside the block."""
-    logger = logging.getLogger(name)
-    was = logger.disabled
-    logger.disabled = True
-    try:
-        yield
-    finally:
-        logger.disabled = was
 
 
 # ---- the run ----------------------------------------------------------------------------------------------

@@ -4,8 +4,10 @@ share: the layered config arguments, the launcher's arguments, and logging."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -48,3 +50,17 @@ def setup_logging() -> None:
     """INFO on rank 0 (RANK unset counts as 0), WARNING on the other ranks, with times."""
     rank0 = os.environ.get("RANK", "0") == "0"
     logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING, format=LOG_FORMAT, datefmt="%H:%M:%S")
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """Only errors from the loggers ``names`` inside the block (their levels restored after it)."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

@@ -20,11 +20,9 @@ Shape legend::
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -32,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.cli import quiet_loggers
 from pretrain.model import Recommender
 from pretrain.user import user_states
 
@@ -124,7 +123,7 @@ def _export_dynamo(tower: UserTower, example: torch.Tensor, path: Path) -> None:
     max_len = tower.user.max_seq_len
     length = torch.export.Dim("length", max=max_len) if max_len > 1 else None
     dynamic = {"history_BL": {0: torch.export.Dim("batch"), 1: length}}
-    with _quiet(_CHATTY), warnings.catch_warnings():
+    with quiet_loggers(*_CHATTY), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own use of a deprecated pytree API
         program = torch.onnx.export(tower, (example,), dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
                                     dynamic_shapes=dynamic, opset_version=OPSET, verbose=False)  # fmt: skip
@@ -133,20 +132,6 @@ def _export_dynamo(tower: UserTower, example: torch.Tensor, path: Path) -> None:
 
 _CHATTY = ("torch.onnx", "onnx_ir", "onnxscript")
 """Loggers of the dynamo exporter: a line per optimization pass at INFO, and a warning per torchvision op."""
-
-
-@contextlib.contextmanager
-def _quiet(names: tuple[str, ...]) -> Iterator[None]:
-    """Only errors from the loggers ``names`` inside the block."""
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def _export_legacy(tower: UserTower, example: torch.Tensor, path: Path) -> None:
