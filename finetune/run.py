@@ -175,7 +175,8 @@ def evaluate_best(folder: Path, cfg: TrainConfig, tag: str = "") -> dict[str, fl
     rank, also goes to ``run.out_dir/eval-<tag><domain>.json`` (as ``python -m pretrain.evaluate`` writes it). Every
     rank must call it."""
     from pretrain.catalog import catalog_folders, valid_folders
-    from pretrain.evaluate import result_document, write_json
+    from pretrain.evaluate import result_document
+    from pretrain.outputs import write_json
     from pretrain.ranking import EvalOptions, evaluate_domain
 
     if not folder.is_dir():

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +29,7 @@ from .metrics import (
     METRICS,
     SCORE_CHUNK,
 )
+from .outputs import write_json
 from .ranking import SPLIT_CHOICES, DomainResult, EvalOptions, evaluate_domain, model_for_domain
 
 log = logging.getLogger(__name__)
@@ -115,14 +114,6 @@ def result_document(result: DomainResult, model: Path, domain_index: int, in_cat
         "metrics": result.metrics(),
         "per_user": {split: tally.user_ranks() for split, tally in result.tallies.items()},
     }
-
-
-def write_json(path: Path, doc: dict) -> None:
-    """Atomically (a temporary file renamed over ``path``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def format_table(result: DomainResult, rankings: Sequence[str]) -> str:

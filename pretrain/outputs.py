@@ -10,8 +10,11 @@ others.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -55,3 +58,12 @@ def rank0_folder(folder: Path, needed: int, what: str) -> Iterator[Path | None]:
         raise failure
     if verdict[0] is not None:
         raise ValueError(verdict[0])
+
+
+def write_json(path: Path, doc: Any, indent: int = 1) -> Path:
+    """Write ``doc`` to ``path`` as JSON, atomically (a temporary file renamed over it; its folder made if needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=indent) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path

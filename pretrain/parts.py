@@ -8,13 +8,14 @@ these names) also puts it in its summary.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .outputs import write_json
 
 PARTS = ("text.backbone", "text.head", "image.backbone", "image.head", "fusion", "user", "ids")
 """The parts of a Recommender, in the order of reports."""
@@ -64,9 +65,4 @@ def log_counts(logger: logging.Logger, counts: Counts) -> None:
 
 def save_counts(counts: Counts, out_dir: str | Path) -> Path:
     """Write the table to ``out_dir/parameters.json`` (atomically); returns the path."""
-    path = Path(out_dir) / COUNTS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(counts, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_json(Path(out_dir) / COUNTS_FILE, counts, indent=2)
