@@ -31,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import safetensors.torch
 import torch
 from torch import nn
@@ -193,7 +194,8 @@ def _load_peft(folder: Path, doc: dict[str, Any], cfg: TrainConfig, catalog: Cat
     checked against PEFT's own (LoRA and modules_to_save) and the model's (the rest), then ``merge_and_unload``."""
     from peft import PeftModel, get_peft_model_state_dict
 
-    found = set(safetensors.torch.load_file(str(folder / WEIGHTS)))
+    with safetensors.safe_open(str(folder / WEIGHTS), framework="pt") as f:  # the names only: PEFT loads the tensors
+        found = set(f.keys())
     layers = [n for part in doc["lora"].values() for n in part]
     _check_keys(found, {peft_key(n, layers) for n in doc["tensors"]}, folder / WEIGHTS)  # what finetuned.json lists
     peft_model = PeftModel.from_pretrained(base_model(cfg, catalog, source), str(folder))
