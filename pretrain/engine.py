@@ -164,9 +164,8 @@ def build(cfg: TrainConfig, dist: Dist, model_factory: ModelFactory = new_model,
         dist_init_required=False,
     )
     gather = GatherNegatives(dist.rank, dist.device) if cfg.loss.gather_negatives and dist.world_size > 1 else None
-    run = Run(cfg, dist, engine, stream, catalog, folders, gather, export=exporter, model_factory=model_factory)
-    run.params = params
-    return run
+    return Run(cfg, dist, engine, stream, catalog, folders, gather, export=exporter, model_factory=model_factory,
+               params=params)  # fmt: skip
 
 
 def _open_writer(run: Run, resumed: bool) -> None:
