@@ -76,7 +76,6 @@ def export(engine: Any, cfg: TrainConfig, catalog: Catalog, folder: str | Path) 
 def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Recommender, TrainConfig, Catalog]:
     """The exported model (eval mode), its config and catalog; every weight must match the config's model. Reads
     format versions 1 and 2; anything else is a one-line ValueError."""
-    doc = hub.read_document(folder)
-    cfg, catalog = hub.train_config(doc), Catalog.from_dict(doc["catalog"])
-    model = Recommender.from_pretrained(folder, map_location=device)
-    return model, cfg, catalog
+    doc = hub.read_document(folder)  # config.json read once: the model's and the run's config both come from it
+    model = Recommender.from_document(Path(folder), doc, device)
+    return model, hub.train_config(doc), model.catalog

@@ -177,7 +177,12 @@ class Recommender(nn.Module, PyTorchModelHubMixin, library_name="momrec", tags=[
     def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", **hub_args: Any) -> Recommender:
         """The model of a folder (or a Hub repository: ``hub_args``) in eval mode; every weight must fit its config."""
         folder = hub.local_folder(model_id, **hub_args)
-        doc = hub.read_document(folder)
+        return cls.from_document(folder, hub.read_document(folder), map_location)
+
+    @classmethod
+    def from_document(cls, folder: Path, doc: dict[str, Any], map_location: str | torch.device = "cpu") -> Recommender:
+        """The model of the local ``folder`` whose config.json is ``doc`` (as :func:`pretrain.hub.read_document`
+        returns it), in eval mode; every weight must fit its config."""
         cfg = hub.train_config(doc)
         model = cls(cfg.model, cfg.loss, Catalog.from_dict(doc["catalog"]), image_size=doc["image_size"])
         model._hub_mixin_config = doc
