@@ -5,14 +5,17 @@ Everything is measured in one run on one machine, so the ratios compare like wit
 - build: catalog items per second through ``build`` (reading, templating, JPEG re-encoding, tar writing);
 - stream: sequences and images per second through ``SequenceStream`` (tar reading, shuffle, JSON decoding,
   tokenization, JPEG decoding, resize + crop, collation, worker IPC), one epoch, worker start-up included (the
-  tokenizer is loaded before, as a training run loads it once);
+  tokenizer is loaded before, as a training run loads it once), with each process's pixel memo starting empty
+  (:mod:`shards.pixel_memo`: an item image met again in the epoch is not decoded again); and the same epoch with the
+  memo off (``image_memo_mb = 0``: every image decoded every time it is met);
 - PIL: the catalog's JPEG bytes, as many as the stream decoded, through ``Image.open(...).convert("RGB")`` alone,
   and through the stream's decode + resize + crop into uint8 batches (as many images a batch as the stream's), in
   this process with one thread.
 
-The three are measured in ``--rounds`` interleaved rounds (stream epoch, PIL decode, PIL + transform; again) and the
-medians are reported, with the spread of the per-round ratios: on the shared machines measured here a process's
-speed drifts by up to 1.5x within a minute, so one measurement of each in a fixed order biases their ratio.
+The four are measured in ``--rounds`` interleaved rounds (stream epoch, stream epoch without the memo, PIL decode,
+PIL + transform; again) and the medians are reported, with the spread of the per-round ratios: on the shared
+machines measured here a process's speed drifts by up to 1.5x within a minute, so one measurement of each in a fixed
+order biases their ratio.
 
 The stream runs in several processes (its DataLoader workers and this one), PIL in one, so images per second of
 wall-clock time do not compare them per core. The ratios are per core: images per CPU-second, counting the CPU time
@@ -43,6 +46,7 @@ from shards.__main__ import add_options, options_from
 from shards.build import BuildOptions, build
 from shards.formats import FORMATS
 from shards.inspect import read_shard
+from shards.pixel_memo import pixel_memo
 from shards.stream import SequenceStream
 from shards.stream_config import StreamConfig
 from shards.synth import synthesize
@@ -67,7 +71,9 @@ class BenchOptions:
     build_workers: int = 1
     """Image re-encoding processes of the build."""
     rounds: int = 3
-    """Interleaved rounds of the stream epoch and the two PIL measurements (medians reported)."""
+    """Interleaved rounds of the two stream epochs and the two PIL measurements (medians reported)."""
+    image_memo_mb: int = 256
+    """Pixel memo of each stream process (data.stream.image_memo_mb) in the first stream epoch of a round."""
 
 
 class _Clock:
@@ -91,11 +97,13 @@ def _timed(fn, *args, **kw) -> tuple[object, float]:
     return out, time.perf_counter() - start
 
 
-def _stream_epoch(folder: Path, opts: BenchOptions) -> tuple[int, int, int, float, float]:
+def _stream_epoch(folder: Path, opts: BenchOptions, memo_mb: int) -> tuple[int, int, int, float, float]:
     """Sequences, images, batches, wall-clock and CPU seconds of one epoch (the workers exit, and are counted, at
-    its end)."""
-    cfg = StreamConfig(batch_size=opts.batch_size, num_workers=opts.num_workers, image_size=opts.image_size)
+    its end), with a pixel memo of ``memo_mb`` that starts empty (as in a new process)."""
+    cfg = StreamConfig(batch_size=opts.batch_size, num_workers=opts.num_workers, image_size=opts.image_size,
+                       image_memo_mb=memo_mb)  # fmt: skip
     load_tokenizer(cfg.text_model)  # once per run, not per epoch
+    pixel_memo(cfg.image_size, cfg.image_memo_mb << 20).clear()  # what workers fork from (or use, without workers)
     stream = SequenceStream([folder], cfg, rank=0, world_size=1)
     clock, sequences, images, batches = _Clock(), 0, 0, 0
     for batch in stream:
@@ -157,6 +165,7 @@ def run(opts: BenchOptions, input_dir: Path | None = None, fmt: str = "generic")
         rounds = [_round(out, jpegs, opts) for _ in range(max(1, opts.rounds))]
         r = {k: statistics.median(x[k] for x in rounds) for k in rounds[0]}
         ratios = [x["stream_images_per_cpu_s"] / x["pil_decode_images_per_cpu_s"] for x in rounds]
+        memo_gains = [x["stream_images_per_cpu_s"] / x["stream_no_memo_images_per_cpu_s"] for x in rounds]
         result = {
             "catalog_items": manifest["counts"]["items"],
             "users": manifest["counts"]["users"],
@@ -166,6 +175,11 @@ def run(opts: BenchOptions, input_dir: Path | None = None, fmt: str = "generic")
             "stream_vs_pil_decode_per_core": r["stream_images_per_cpu_s"] / r["pil_decode_images_per_cpu_s"],
             "stream_vs_pil_decode_per_core_min": min(ratios),
             "stream_vs_pil_decode_per_core_max": max(ratios),
+            "stream_no_memo_vs_pil_decode_per_core": r["stream_no_memo_images_per_cpu_s"]
+            / r["pil_decode_images_per_cpu_s"],
+            "memo_gain_per_core": statistics.median(memo_gains),
+            "memo_gain_per_core_min": min(memo_gains),
+            "memo_gain_per_core_max": max(memo_gains),
             "rounds": len(rounds),
             "shard_bytes": sum(s["bytes"] for k in ("items", "seqs") for s in manifest["shards"][k]),
         }
@@ -173,8 +187,10 @@ def run(opts: BenchOptions, input_dir: Path | None = None, fmt: str = "generic")
 
 
 def _round(out: Path, jpegs: list[bytes], opts: BenchOptions) -> dict[str, float]:
-    """One round: a stream epoch, then as many of the catalog's JPEGs through PIL alone and through the transform."""
-    sequences, images, batches, stream_s, stream_cpu_s = _stream_epoch(out, opts)
+    """One round: a stream epoch with the memo and one without, then as many of the catalog's JPEGs through PIL alone
+    and through the transform."""
+    sequences, images, batches, stream_s, stream_cpu_s = _stream_epoch(out, opts, opts.image_memo_mb)
+    _, no_memo_images, _, no_memo_s, no_memo_cpu_s = _stream_epoch(out, opts, 0)
     n = max(images, 1)
     pil, pil_cpu = _pil_rate(jpegs, n, opts.image_size)
     pil_transform, pil_transform_cpu = _pil_rate(jpegs, n, opts.image_size, per_batch=-(-n // max(batches, 1)))
@@ -182,6 +198,8 @@ def _round(out: Path, jpegs: list[bytes], opts: BenchOptions) -> dict[str, float
         "stream_sequences_per_s": sequences / stream_s,
         "stream_images_per_s": images / stream_s,
         "stream_images_per_cpu_s": images / stream_cpu_s,
+        "stream_no_memo_images_per_s": no_memo_images / no_memo_s,
+        "stream_no_memo_images_per_cpu_s": no_memo_images / no_memo_cpu_s,
         "pil_decode_images_per_s": pil,
         "pil_decode_images_per_cpu_s": pil_cpu,
         "pil_decode_transform_images_per_s": pil_transform,
@@ -198,6 +216,9 @@ def report(r: dict[str, float], opts: BenchOptions) -> str:
         (f"stream images (all of the stream), {procs}",
          f"{r['stream_images_per_s']:.0f} images/s, {r['stream_images_per_cpu_s']:.0f}/CPU-s",
          f"{r['stream_images_per_cpu_s'] / pil:.2f}x per core"),
+        ("the same, pixel memo off (image_memo_mb = 0)",
+         f"{r['stream_no_memo_images_per_s']:.0f} images/s, {r['stream_no_memo_images_per_cpu_s']:.0f}/CPU-s",
+         f"{r['stream_no_memo_images_per_cpu_s'] / pil:.2f}x per core"),
         ("PIL decode only, 1 process", f"{r['pil_decode_images_per_s']:.0f} images/s, {pil:.0f}/CPU-s", "1.00x"),
         ("PIL decode + transform + batch, 1 process",
          f"{r['pil_decode_transform_images_per_s']:.0f} images/s, {r['pil_decode_transform_images_per_cpu_s']:.0f}"
@@ -213,7 +234,9 @@ def report(r: dict[str, float], opts: BenchOptions) -> str:
         f"stream / PIL decode: {r['stream_vs_pil_decode_per_core']:.2f}x per core"
         " (images per CPU-second, all the stream's processes counted; medians of"
         f" {r['rounds']:.0f} interleaved rounds, whose ratios ran {r['stream_vs_pil_decode_per_core_min']:.2f}"
-        f"-{r['stream_vs_pil_decode_per_core_max']:.2f}x)"
+        f"-{r['stream_vs_pil_decode_per_core_max']:.2f}x)\n"
+        f"pixel memo on / off: {r['memo_gain_per_core']:.2f}x per core (rounds {r['memo_gain_per_core_min']:.2f}"
+        f"-{r['memo_gain_per_core_max']:.2f}x)"
     )
     return "\n".join([head] + [f"  {n:<{width}}  {v:<34} {ratio}" for n, v, ratio in rows] + [tail])
 

@@ -19,19 +19,14 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from shards import schema
+from shards.pixel_memo import pixel_memo
 from shards.stream_config import Split, StreamConfig
 from shards.tokens import token_memo
-from shards.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ImageDecodeError,
-    decode_image,
-    images_to_tensor,
-    normalize_pixels,
-)
+from shards.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageDecodeError, normalize_pixels, stack_pixels
 
 log = logging.getLogger(__name__)
 
@@ -260,30 +255,29 @@ class Collator:
         return {"input_ids": input_ids_UT, "attention_mask": attention_mask_UT, "has_text": has_text_U}
 
     def _images(self, table: Sequence[tuple[int, schema.Item]], flip_rng: random.Random | None, held: Held) -> dict:
-        decoded, image_row_U = [], torch.full((len(table),), -1, dtype=torch.long)
-        placeholder_rows = []  # rows of pixel_values left zero: held images, not decoded
-        for u, (domain, item) in enumerate(table):
-            if item.image is None or not self.cfg.item_content:
-                continue
-            if (domain, item.index) in held.images:
-                placeholder_rows.append(len(decoded) + len(placeholder_rows))
-                image_row_U[u] = placeholder_rows[-1]
-                continue
-            try:
-                decoded.append(decode_image(item.image, self.cfg.image_size))
-            except ImageDecodeError as e:
-                self.counts["bad_images"] += 1
-                where = self.sources.get((domain, item.index)) or "?"
-                warn_once(log, ("image", domain, item.index), "domain %d item %d (%s): image dropped, the item kept "
-                          "without it: %s", domain, item.index, where, e)  # fmt: skip
-                continue
-            image_row_U[u] = len(decoded) + len(placeholder_rows) - 1
         cfg = self.cfg
-        pixels_NCHW = images_to_tensor(decoded, cfg.image_size, flip_rng=flip_rng, normalize=False)
-        if placeholder_rows:
-            pixels_NCHW = _with_placeholders(pixels_NCHW, placeholder_rows)
+        memo = pixel_memo(cfg.image_size, cfg.image_memo_mb << 20)
+        rows: list[np.ndarray | None] = []  # None: a held image's placeholder, a row of zeros (not decoded)
+        image_row_U = torch.full((len(table),), -1, dtype=torch.long)
+        for u, (domain, item) in enumerate(table):
+            if item.image is None or not cfg.item_content:
+                continue
+            pixels_CSS = None
+            if (domain, item.index) not in held.images:
+                try:
+                    pixels_CSS = memo.pixels((domain, item.index), item.image)
+                except ImageDecodeError as e:
+                    self.counts["bad_images"] += 1
+                    where = self.sources.get((domain, item.index)) or "?"
+                    warn_once(log, ("image", domain, item.index), "domain %d item %d (%s): image dropped, the item "
+                              "kept without it: %s", domain, item.index, where, e)  # fmt: skip
+                    continue
+            image_row_U[u] = len(rows)
+            rows.append(pixels_CSS)
+        # one draw per decoded image, in order (placeholders draw none)
+        flips = [pixels is not None and flip_rng is not None and flip_rng.random() < 0.5 for pixels in rows]
         return {
-            "pixel_values": pixels_NCHW,
+            "pixel_values": stack_pixels(rows, cfg.image_size, flips),
             "pixel_mean": torch.tensor(cfg.image_mean, dtype=torch.float32),
             "pixel_std": torch.tensor(cfg.image_std, dtype=torch.float32),
             "image_row": image_row_U,
@@ -300,17 +294,6 @@ def collate_items(
     if not items:
         raise ValueError("collate_items needs at least one item")
     return Collator(cfg, counts).item_table(items, held=held)
-
-
-def _with_placeholders(decoded_MCHW: torch.Tensor, placeholder_rows: Sequence[int]) -> torch.Tensor:
-    """(N, 3, S, S) uint8: the decoded images in order, with zero rows at ``placeholder_rows`` (N = M + those)."""
-    M, C, S, _ = decoded_MCHW.shape
-    N = M + len(placeholder_rows)
-    pixels_NCHW = torch.zeros((N, C, S, S), dtype=torch.uint8)
-    real_N = torch.ones(N, dtype=torch.bool)
-    real_N[list(placeholder_rows)] = False
-    pixels_NCHW[real_N] = decoded_MCHW
-    return pixels_NCHW
 
 
 def _row(rows: dict[tuple[int, int], int], table: list, domain: int, item: schema.Item) -> int:

@@ -52,6 +52,11 @@ class StreamConfig:
     """Per-channel mean subtracted from pixels in [0, 1] (by Batch.normalized_pixels, on the training device)."""
     image_std: tuple[float, float, float] = IMAGENET_STD
     """Per-channel standard deviation pixels are divided by (by Batch.normalized_pixels)."""
+    image_memo_mb: int = 256
+    """Megabytes of decoded item images each process keeps (every DataLoader worker, and the training process for
+    catalog encoding), so an item met again is not decoded again (:mod:`shards.pixel_memo`): a 224 px image costs
+    ~165 KB with its JPEG bytes, so 256 holds ~1,600 items; the least recently used go first. 0 decodes every
+    image every time."""
     augment: bool = False
     """Randomly flip item images horizontally (train split only; seeded, so reproducible)."""
     item_content: bool = True
@@ -65,7 +70,7 @@ class StreamConfig:
         for name in ("batch_size", "max_seq_len", "image_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_workers", "shuffle_buffer", "seed"):
+        for name in ("num_workers", "shuffle_buffer", "seed", "image_memo_mb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_text_len < 2:

@@ -14,13 +14,14 @@ import pytest
 import torch
 
 import pretrain.catalog
-import shards.collate
+import shards.pixel_memo
 from pretrain.catalog import EncodedCatalog, catalog_chunks, encode_catalog_content
 from pretrain.config import TrainConfig
 from pretrain.frozen_cache import FrozenCache, PlaceholderMiss
 from pretrain.model import Catalog, Recommender
 from shards import schema
 from shards.collate import Held, collate_items
+from shards.pixel_memo import pixel_memo
 from shards.tokens import token_memo
 from tests.pretrain.test_feature_store import tiny_cfg
 
@@ -28,8 +29,10 @@ FROZEN = ("model.text.trainable=none", "model.image.trainable=none")
 
 
 def fresh_model(cfg: TrainConfig, folders: list[str]) -> Recommender:
-    """A new process's model: the same weights, an empty memory cache, an empty token memo."""
-    token_memo(cfg.data.stream.text_model, cfg.data.stream.max_text_len).clear()
+    """A new process's model: the same weights, an empty memory cache, empty token and pixel memos."""
+    stream = cfg.data.stream
+    token_memo(stream.text_model, stream.max_text_len).clear()
+    pixel_memo(stream.image_size, stream.image_memo_mb << 20).clear()
     torch.manual_seed(0)
     catalog = Catalog.from_folders(folders)
     return Recommender(cfg.model, cfg.loss, catalog, image_size=cfg.data.stream.image_size).eval()
@@ -44,13 +47,13 @@ class Prepared:
         self.decoded = 0
         self.text_inputs: list[torch.Tensor] = []
         self.image_inputs: list[torch.Tensor] = []
-        decode = shards.collate.decode_image
+        decode = shards.pixel_memo.decode_image
 
         def counting_decode(*args, **kw):
             self.decoded += 1
             return decode(*args, **kw)
 
-        monkeypatch.setattr(shards.collate, "decode_image", counting_decode)
+        monkeypatch.setattr(shards.pixel_memo, "decode_image", counting_decode)
         for tower, into in ((model.text, self.text_inputs), (model.image, self.image_inputs)):
             tower.backbone.stages()[0].register_forward_pre_hook(self._record(into), with_kwargs=True)
 

@@ -1,5 +1,6 @@
-"""benchmarks.stream: rounds of the stream epoch and the two PIL measurements, interleaved, reported as medians with
-the spread of the per-round ratios (speeds, not timed: only that the numbers are consistent with each other)."""
+"""benchmarks.stream: rounds of the stream epochs (pixel memo on and off) and the two PIL measurements,
+interleaved, reported as medians with the spread of the per-round ratios (speeds, not timed: only that the numbers
+are consistent with each other)."""
 
 from __future__ import annotations
 
@@ -33,4 +34,11 @@ def test_the_ratio_is_the_median_rounds_and_its_spread_holds_it(monkeypatch) -> 
         min(ratios),
         max(ratios),
     )
-    assert "3 interleaved rounds" in stream.report(r, opts)
+    gains = [x["stream_images_per_cpu_s"] / x["stream_no_memo_images_per_cpu_s"] for x in seen]
+    assert r["memo_gain_per_core"] == statistics.median(gains)
+    assert (r["memo_gain_per_core_min"], r["memo_gain_per_core_max"]) == (min(gains), max(gains))
+    assert r["stream_no_memo_vs_pil_decode_per_core"] == pytest.approx(
+        r["stream_no_memo_images_per_cpu_s"] / r["pil_decode_images_per_cpu_s"]
+    )
+    text = stream.report(r, opts)
+    assert "3 interleaved rounds" in text and "pixel memo on / off" in text
