@@ -45,6 +45,7 @@ from shards import schema
 from shards.__main__ import add_options, options_from
 from shards.build import BuildOptions, build
 from shards.formats import FORMATS
+from shards.images import IMAGE_FITS
 from shards.inspect import read_shard
 from shards.pixel_memo import pixel_memo
 from shards.stream import SequenceStream
@@ -63,7 +64,9 @@ class BenchOptions:
     source_image_size: int = 320
     """Side of the synthetic source images (re-encoded to --image-size by the build)."""
     image_size: int = 224
-    """Longest side of shard images, and the side fed to the model."""
+    """Side of shard images (build), and the side fed to the model (stream)."""
+    image_fit: str = "crop"
+    """How the build sizes images (shards build --image-fit: crop or contain)."""
     batch_size: int = 32
     """Sequences per batch."""
     num_workers: int = 2
@@ -158,8 +161,8 @@ def run(opts: BenchOptions, input_dir: Path | None = None, fmt: str = "generic")
             (input_dir,) = synthesize(tmp_path / "src", domains=["bench"], users_per_domain=opts.users,
                                       items_per_domain=opts.items, image_size=opts.source_image_size)  # fmt: skip
         out = tmp_path / "shards"
-        build_opts = BuildOptions(format=fmt, image_size=opts.image_size, samples_per_shard=64,
-                                  workers=opts.build_workers)  # fmt: skip
+        build_opts = BuildOptions(format=fmt, image_size=opts.image_size, image_fit=opts.image_fit,
+                                  samples_per_shard=64, workers=opts.build_workers)  # fmt: skip
         manifest, build_s = _timed(build, input_dir, out, build_opts, progress=False)
         jpegs = _catalog_jpegs(out)
         rounds = [_round(out, jpegs, opts) for _ in range(max(1, opts.rounds))]
@@ -225,7 +228,7 @@ def report(r: dict[str, float], opts: BenchOptions) -> str:
          "/CPU-s", f"{r['pil_decode_transform_images_per_cpu_s'] / pil:.2f}x per core"),
     ]  # fmt: skip
     head = (
-        f"{r['catalog_items']:.0f} items, {r['users']:.0f} users, image side {opts.image_size},"
+        f"{r['catalog_items']:.0f} items, {r['users']:.0f} users, image side {opts.image_size} ({opts.image_fit}),"
         f" batch {opts.batch_size},"
         f" {opts.num_workers} stream workers, shards {r['shard_bytes'] / 2**20:.1f} MiB"
     )
@@ -250,7 +253,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--input", default=None, help="benchmark this dataset folder instead of a synthetic domain")
     p.add_argument("--format", default="generic", choices=sorted(FORMATS), help="layout of --input")
     p.add_argument("--json", action="store_true", help="print the measurements as JSON")
-    add_options(p, BenchOptions)
+    add_options(p, BenchOptions, {"image_fit": IMAGE_FITS})
     return p
 
 

@@ -63,6 +63,7 @@ def options_from(args: argparse.Namespace, cls: type) -> Any:
 def _add_build(sub: argparse._SubParsersAction) -> None:
     from .build import BuildOptions
     from .formats import AUTO, FORMATS
+    from .images import IMAGE_FITS
 
     p = sub.add_parser(
         "build",
@@ -73,7 +74,7 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder (created atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_options(p, BuildOptions, {"format": [AUTO, *sorted(FORMATS)]})
+    add_options(p, BuildOptions, {"format": [AUTO, *sorted(FORMATS)], "image_fit": IMAGE_FITS})
 
 
 def _add_stream(sub: argparse._SubParsersAction) -> None:

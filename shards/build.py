@@ -24,7 +24,7 @@ from typing import Any
 from . import __version__, schema
 from .errors import InputError, Skips
 from .formats import AUTO, RawItem, detect, open_reader
-from .images import ImageError, reencode_file
+from .images import IMAGE_FITS, ImageError, reencode_file
 from .outdir import atomic_folder
 from .procs import die_with_parent
 from .progress import bar as progress_bar
@@ -51,7 +51,12 @@ class BuildOptions:
     """Only each user's most recent interactions are kept (applied before the k-core filter). Default: 50, or
     every interaction for a published split."""
     image_size: int = 224
-    """Longest side of the re-encoded JPEGs, in pixels (smaller images are not enlarged)."""
+    """Side of the re-encoded JPEGs, in pixels: of their central square, or their longest side (see --image-fit);
+    smaller images are not enlarged."""
+    image_fit: str = "crop"
+    """'crop': each image's central square at image_size x image_size, what the stream feeds a model (it then
+    resamples nothing at that size); 'contain': the whole image, its longest side image_size (a non-square image is
+    then upsampled by the stream along its shorter side, at every batch)."""
     jpeg_quality: int = 90
     """JPEG quality of the re-encoded images."""
     samples_per_shard: int = 256
@@ -75,6 +80,8 @@ class BuildOptions:
                 raise InputError(f"{name} must be in [{low}, {high}], got {getattr(self, name)}")
         if self.workers < 1:
             raise InputError("workers must be at least 1")
+        if self.image_fit not in IMAGE_FITS:
+            raise InputError(f"image_fit must be one of {', '.join(IMAGE_FITS)}, got {self.image_fit!r}")
         if self.domain is not None:
             _check_domain_name(self.domain)
 
@@ -195,7 +202,7 @@ def _k_core(users: dict[str, Events], min_user: int, min_item: int) -> None:
 def _encode_images(paths: list[Path | None], opts: BuildOptions, skips: Skips, progress: bool) -> list[bytes | None]:
     """JPEG bytes per catalog position (None: no image, or an unreadable one, counted)."""
     todo = [(i, p) for i, p in enumerate(paths) if p is not None]
-    jobs = [(p, opts.image_size, opts.jpeg_quality) for _, p in todo]
+    jobs = [(p, opts.image_size, opts.jpeg_quality, opts.image_fit) for _, p in todo]
     out: list[bytes | None] = [None] * len(paths)
     with _pool(opts.workers) as pool:
         results = pool.map(_encode_one, jobs, chunksize=64) if pool else map(_encode_one, jobs)
@@ -223,7 +230,7 @@ def _pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
     pool.shutdown(wait=True)
 
 
-def _encode_one(job: tuple[Path, int, int]) -> bytes | str:
+def _encode_one(job: tuple[Path, int, int, str]) -> bytes | str:
     try:
         return reencode_file(*job)
     except ImageError as e:

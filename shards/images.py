@@ -1,4 +1,5 @@
-"""Image re-encoding at build time: any readable image -> RGB JPEG no larger than a given side."""
+"""Image re-encoding at build time: any readable image -> an RGB JPEG of its central square at a given side, or of
+the whole image no larger than that side."""
 
 from __future__ import annotations
 
@@ -17,11 +18,21 @@ class ImageError(ValueError):
     pass
 
 
-def reencode(data: bytes, max_side: int, quality: int) -> bytes:
-    """JPEG bytes of ``data`` in RGB, its longest side at most ``max_side``; raises :class:`ImageError`.
+IMAGE_FITS = ("crop", "contain")
+"""How a build sizes images (``--image-fit``): 'crop' keeps the central square, ``size`` x ``size`` (the stream feeds a
+model the central square too: at that size it then resamples nothing, and at any smaller size it gives the same
+geometry as from the whole image); 'contain' keeps the whole image, its longest side ``size`` (a non-square image
+is then upsampled by the stream along its shorter side to fill the square it crops)."""
+
+
+def reencode(data: bytes, size: int, quality: int, fit: str = "crop") -> bytes:
+    """JPEG bytes of ``data`` in RGB, sized by ``fit`` (:data:`IMAGE_FITS`; never enlarged: a source smaller than
+    ``size`` keeps its side, or the side of its central square); raises :class:`ImageError`.
 
     Deterministic: the same input bytes and options give the same output bytes (no EXIF, no timestamps).
     """
+    if fit not in IMAGE_FITS:
+        raise ValueError(f"image fit must be one of {IMAGE_FITS}, got {fit!r}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -32,18 +43,25 @@ def reencode(data: bytes, max_side: int, quality: int) -> bytes:
         raise ImageError("unreadable image: not an image format PIL knows") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"unreadable image: {type(e).__name__}: {e}") from None
-    if max(rgb.size) > max_side:
-        scale = max_side / max(rgb.size)
-        size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
-        rgb = rgb.resize(size, Image.Resampling.BICUBIC)
+    if fit == "crop":
+        side = min(rgb.size)
+        left, top = (rgb.width - side) // 2, (rgb.height - side) // 2
+        out_side = min(side, size)
+        if (out_side, out_side) != rgb.size:
+            box = (left, top, left + side, top + side)
+            rgb = rgb.resize((out_side, out_side), Image.Resampling.BICUBIC, box=box)
+    elif max(rgb.size) > size:
+        scale = size / max(rgb.size)
+        shape = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+        rgb = rgb.resize(shape, Image.Resampling.BICUBIC)
     out = io.BytesIO()
     rgb.save(out, format="JPEG", quality=quality, optimize=False, progressive=False)
     return out.getvalue()
 
 
-def reencode_file(path: Path, max_side: int, quality: int) -> bytes:
+def reencode_file(path: Path, size: int, quality: int, fit: str = "crop") -> bytes:
     try:
         data = path.read_bytes()
     except OSError as e:
         raise ImageError(f"cannot read image ({e.strerror})") from None
-    return reencode(data, max_side, quality)
+    return reencode(data, size, quality, fit)

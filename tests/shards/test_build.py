@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -17,7 +18,9 @@ from shards import schema
 from shards.__main__ import main
 from shards.build import BuildOptions, build
 from shards.errors import InputError
+from shards.images import reencode
 from shards.inspect import read_shard, summary, verify
+from shards.transforms import crop_pixels, decode_image
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -83,7 +86,7 @@ def test_round_trip(tmp_path: Path) -> None:
     items = {it.id: it for it in all_samples(out, "items")}
     assert [it.index for it in items.values()] == list(range(5))
     assert items["a"].text == "Alpha. x, y." and items["c"].image is None and items["d"].text is None
-    assert Image.open(io.BytesIO(items["a"].image)).size == (64, 43)  # longest side 64, aspect kept
+    assert Image.open(io.BytesIO(items["a"].image)).size == (64, 64)  # the central square (--image-fit crop)
     seqs = {s.id: s for s in all_samples(out, "seqs")}
     assert set(seqs) == {"u1", "u2", "u3"}
     u1 = seqs["u1"]
@@ -95,6 +98,54 @@ def test_round_trip(tmp_path: Path) -> None:
     # popularity counts training positions only (last two of each user are eval targets)
     pop = dict(zip([it.id for it in items.values()], manifest["popularity"]))
     assert pop == {"a": 2, "b": 2, "c": 0, "d": 1, "e": 1}
+
+
+def _thirds(size: tuple[int, int]) -> bytes:
+    """A PNG whose left, middle and right thirds are red, green and blue."""
+    img = Image.new("RGB", size, (0, 255, 0))
+    third = size[0] // 3
+    img.paste((255, 0, 0), (0, 0, third, size[1]))
+    img.paste((0, 0, 255), (size[0] - third, 0, size[0], size[1]))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _colors(data: bytes, columns: list[int]) -> list[str]:
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    names = {0: "red", 1: "green", 2: "blue"}
+    return [names[max(range(3), key=img.getpixel((x, img.height // 2)).__getitem__)] for x in columns]
+
+
+def test_image_fit_crop_keeps_the_central_square_and_contain_the_whole_image() -> None:
+    wide = _thirds((300, 200))  # the central 200 x 200: red 50-100, green 100-200, blue 200-250
+    crop = reencode(wide, 64, 95)
+    assert Image.open(io.BytesIO(crop)).size == (64, 64)
+    assert _colors(crop, [4, 32, 60]) == ["red", "green", "blue"] and _colors(crop, [20, 44]) == ["green", "green"]
+    contain = reencode(wide, 64, 95, fit="contain")
+    assert Image.open(io.BytesIO(contain)).size == (64, 43)
+    assert _colors(contain, [10, 32, 54]) == ["red", "green", "blue"] and _colors(contain, [25, 39]) == ["green"] * 2
+    small = _thirds((45, 30))  # never enlarged
+    assert Image.open(io.BytesIO(reencode(small, 64, 95))).size == (30, 30)
+    assert Image.open(io.BytesIO(reencode(small, 64, 95, fit="contain"))).size == (45, 30)
+    with pytest.raises(ValueError, match="image fit"):
+        reencode(wide, 64, 95, fit="pad")
+    with pytest.raises(InputError, match="image_fit"):
+        small_opts(image_fit="pad")
+
+
+def test_the_stream_sees_the_same_square_from_either_fit() -> None:
+    """Center-crop then scale is scale then center-crop: a crop-built image gives the stream (at the build's size or
+    below) the square a contain-built one gives, without resampling it at the build's size."""
+    x = np.linspace(0, 1, 300)[None, :, None]
+    y = np.linspace(0, 1, 200)[:, None, None]
+    smooth = (255 * np.concatenate([x * np.ones_like(y), y * np.ones_like(x), (x + y) / 2], axis=2)).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(smooth).save(buf, format="PNG")
+    for size in (64, 32):
+        crop = crop_pixels(decode_image(reencode(buf.getvalue(), 64, 95), size), size).float()
+        contain = crop_pixels(decode_image(reencode(buf.getvalue(), 64, 95, fit="contain"), size), size).float()
+        assert (crop - contain).abs().mean() < 3  # of 255: JPEG and resampling rounding, not another region
 
 
 def test_every_bad_input_is_a_counted_skip(tmp_path: Path) -> None:
@@ -219,7 +270,7 @@ def test_verify_finds_tampering(tmp_path: Path) -> None:
 def test_inspect_shows_counts_and_a_sample(tmp_path: Path) -> None:
     build(clean_domain(tmp_path / "dom"), tmp_path / "out", small_opts(), progress=False)
     text = summary(tmp_path / "out")
-    assert "users 3  items 5  interactions 12" in text and "first item:" in text and "JPEG 64x43" in text
+    assert "users 3  items 5  interactions 12" in text and "first item:" in text and "JPEG 64x64" in text
 
 
 def test_inspect_into_a_closed_pipe_stops_quietly(tmp_path: Path) -> None:
