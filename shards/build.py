@@ -51,12 +51,11 @@ class BuildOptions:
     """Only each user's most recent interactions are kept (applied before the k-core filter). Default: 50, or
     every interaction for a published split."""
     image_size: int = 224
-    """Side of the re-encoded JPEGs, in pixels: of their central square, or their longest side (see --image-fit);
-    smaller images are not enlarged."""
+    """Side of the re-encoded JPEGs, in pixels: of their central square, or their longest side (see --image-fit)."""
     image_fit: str = "crop"
-    """'crop': each image's central square at image_size x image_size, what the stream feeds a model (it then
-    resamples nothing at that size); 'contain': the whole image, its longest side image_size (a non-square image is
-    then upsampled by the stream along its shorter side, at every batch)."""
+    """'crop': each image's central square resized to image_size x image_size, what the stream feeds a model (it
+    then resamples nothing at that size); 'contain': the whole image, its longest side at most image_size, never
+    enlarged (the stream then resamples a non-square or smaller image at every batch)."""
     jpeg_quality: int = 90
     """JPEG quality of the re-encoded images."""
     samples_per_shard: int = 256

@@ -19,15 +19,15 @@ class ImageError(ValueError):
 
 
 IMAGE_FITS = ("crop", "contain")
-"""How a build sizes images (``--image-fit``): 'crop' keeps the central square, ``size`` x ``size`` (the stream feeds a
-model the central square too: at that size it then resamples nothing, and at any smaller size it gives the same
-geometry as from the whole image); 'contain' keeps the whole image, its longest side ``size`` (a non-square image
-is then upsampled by the stream along its shorter side to fill the square it crops)."""
+"""How a build sizes images (``--image-fit``): 'crop' keeps the central square, resized to ``size`` x ``size`` (the
+stream feeds a model the central square too: at that size it then resamples nothing, and at any smaller size it gives
+the same geometry as from the whole image); 'contain' keeps the whole image, its longest side at most ``size`` (a
+non-square or smaller image is then resampled by the stream at every batch to fill the square it crops)."""
 
 
 def reencode(data: bytes, size: int, quality: int, fit: str = "crop") -> bytes:
-    """JPEG bytes of ``data`` in RGB, sized by ``fit`` (:data:`IMAGE_FITS`; never enlarged: a source smaller than
-    ``size`` keeps its side, or the side of its central square); raises :class:`ImageError`.
+    """JPEG bytes of ``data`` in RGB, sized by ``fit`` (:data:`IMAGE_FITS`: 'crop' enlarges a smaller central square
+    to ``size``, once, where the stream would at every batch; 'contain' never enlarges); raises :class:`ImageError`.
 
     Deterministic: the same input bytes and options give the same output bytes (no EXIF, no timestamps).
     """
@@ -46,10 +46,9 @@ def reencode(data: bytes, size: int, quality: int, fit: str = "crop") -> bytes:
     if fit == "crop":
         side = min(rgb.size)
         left, top = (rgb.width - side) // 2, (rgb.height - side) // 2
-        out_side = min(side, size)
-        if (out_side, out_side) != rgb.size:
+        if (size, size) != rgb.size:
             box = (left, top, left + side, top + side)
-            rgb = rgb.resize((out_side, out_side), Image.Resampling.BICUBIC, box=box)
+            rgb = rgb.resize((size, size), Image.Resampling.BICUBIC, box=box)
     elif max(rgb.size) > size:
         scale = size / max(rgb.size)
         shape = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))

@@ -125,9 +125,12 @@ def test_image_fit_crop_keeps_the_central_square_and_contain_the_whole_image() -
     contain = reencode(wide, 64, 95, fit="contain")
     assert Image.open(io.BytesIO(contain)).size == (64, 43)
     assert _colors(contain, [10, 32, 54]) == ["red", "green", "blue"] and _colors(contain, [25, 39]) == ["green"] * 2
-    small = _thirds((45, 30))  # never enlarged
-    assert Image.open(io.BytesIO(reencode(small, 64, 95))).size == (30, 30)
+    small = _thirds((45, 30))  # crop enlarges the square once (else the stream would at every batch); contain never
+    assert Image.open(io.BytesIO(reencode(small, 64, 95))).size == (64, 64)
     assert Image.open(io.BytesIO(reencode(small, 64, 95, fit="contain"))).size == (45, 30)
+    square = reencode(_thirds((64, 64)), 64, 95)  # already the size: only re-encoded
+    assert Image.open(io.BytesIO(square)).size == (64, 64)
+    assert _colors(square, [5, 32, 58]) == ["red", "green", "blue"]
     with pytest.raises(ValueError, match="image fit"):
         reencode(wide, 64, 95, fit="pad")
     with pytest.raises(InputError, match="image_fit"):
