@@ -40,5 +40,6 @@ def test_the_ratio_is_the_median_rounds_and_its_spread_holds_it(monkeypatch) -> 
     assert r["stream_no_memo_vs_pil_decode_per_core"] == pytest.approx(
         r["stream_no_memo_images_per_cpu_s"] / r["pil_decode_images_per_cpu_s"]
     )
+    assert r["fresh_memory_copy_us_per_image"] >= 0 and r["mapped_memory_copy_us_per_image"] >= 0  # 10 ms CPU ticks
     text = stream.report(r, opts)
-    assert "3 interleaved rounds" in text and "pixel memo on / off" in text
+    assert "3 interleaved rounds" in text and "pixel memo on / off" in text and "fresh shared memory" in text
