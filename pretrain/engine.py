@@ -218,10 +218,12 @@ def _train(cfg: TrainConfig, dist: Dist, model_factory: ModelFactory, exporter: 
         _open_writer(run, resumed)
         try:
             last = loop(run)
+            run.stream.close()  # its persistent workers, before the export
             run.engine.module.flush_feature_cache()  # the frozen-bottom outputs computed since the last validation
             _report_data(run, last)
             run.export(run.engine, cfg, run.catalog, run.out_dir / "model")
         finally:
+            run.stream.close()
             if run.writer is not None:
                 run.writer.close()
         result = {**last, **summary(run)}

@@ -20,13 +20,14 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
+import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
 from shards import schema
 from shards.collate import Batch, Collator, Example, split_example, warn_once
-from shards.plan import EpochPlan, RegroupedPlan, ShardRef, ShardSlice, drop_batches
+from shards.plan import EpochPlan, RegroupedPlan, ShardRef, ShardSlice, drop_batches, make_plan
 from shards.stream_config import Split, StreamConfig
 
 log = logging.getLogger(__name__)
@@ -243,37 +244,60 @@ def _whole(shard: ShardRef) -> ShardSlice:
     return ShardSlice(shard, 0, shard.samples)
 
 
+class Position:
+    """Where a rank's persistent DataLoader workers start their next pass: the epoch and the batches of it already
+    handed over, in shared memory. The training process sets it before each ``iter(loader)``; each worker reads it
+    when the DataLoader (re)starts its iteration, and makes the epoch's plan itself (a pure function of the shards
+    and the epoch: :func:`shards.plan.make_plan`), so workers forked once serve every epoch."""
+
+    def __init__(self, shards: Sequence[ShardRef], world_size: int, cfg: StreamConfig) -> None:
+        self.shards, self.world_size, self.cfg = shards, world_size, cfg
+        self.shared = torch.zeros(2, dtype=torch.long).share_memory_()
+        self._plan: EpochPlan | None = None
+
+    def set(self, epoch: int, start: int) -> None:
+        self.shared[0], self.shared[1] = epoch, start
+
+    def now(self) -> tuple[EpochPlan, int]:
+        epoch, start = (int(x) for x in self.shared)
+        if self._plan is None or self._plan.epoch != epoch:
+            self._plan = make_plan(self.shards, epoch, self.world_size, self.cfg.num_workers, self.cfg)
+        return self._plan, start
+
+
 class RankBatches(IterableDataset):
-    """What the DataLoader of one rank iterates: each worker builds and runs the pipeline of its own slot."""
+    """What the DataLoader of one rank iterates: each worker builds and runs the pipeline of its own slot, of one
+    ``plan`` from batch ``start`` on, or, for persistent workers, of where ``position`` says at each pass."""
 
     def __init__(
         self,
-        plan: EpochPlan,
+        plan: EpochPlan | Position,
         rank: int,
         cfg: StreamConfig,
         shards: Sequence[ShardRef],
         sizes: Sequence[DomainSize],
-        start: int,
+        start: int = 0,
     ) -> None:
         super().__init__()
         self.plan, self.rank, self.cfg, self.shards, self.sizes, self.start = plan, rank, cfg, shards, sizes, start
 
     def __iter__(self) -> Iterator[Batch]:
+        plan, start = self.plan.now() if isinstance(self.plan, Position) else (self.plan, self.start)
         info = get_worker_info()
-        n_slots = len(self.plan.worker_batches[self.rank])
+        n_slots = len(plan.worker_batches[self.rank])
         # A DataLoader takes batches from its workers round-robin starting at worker 0; a resumed one must
         # start with the planned worker ("slot") whose batch comes next, so its worker i plays slot first + i.
-        first = self.plan.worker_of(self.rank, self.start)
+        first = plan.worker_of(self.rank, start)
         slot = (first + (0 if info is None else info.id)) % n_slots
-        planned = self.plan.worker_batches[self.rank][slot]
-        skip = self.plan.batches_before(self.rank, self.start)[slot]
+        planned = plan.worker_batches[self.rank][slot]
+        skip = plan.batches_before(self.rank, start)[slot]
         if planned == skip:
             return iter(())
-        if isinstance(self.plan, RegroupedPlan):  # ranges of the first plan's slots, each by that slot's pipeline
-            ranges = drop_batches(self.plan.slots[self.rank][slot], skip)
-            return itertools.chain.from_iterable(self._pipeline(self.plan.base, r.rank, r.worker, r.stop, r.start)
+        if isinstance(plan, RegroupedPlan):  # ranges of the first plan's slots, each by that slot's pipeline
+            ranges = drop_batches(plan.slots[self.rank][slot], skip)
+            return itertools.chain.from_iterable(self._pipeline(plan.base, r.rank, r.worker, r.stop, r.start)
                                                  for r in ranges)  # fmt: skip
-        return iter(self._pipeline(self.plan, self.rank, slot, planned, skip))
+        return iter(self._pipeline(plan, self.rank, slot, planned, skip))
 
     def _pipeline(self, plan: EpochPlan, rank: int, slot: int, planned: int, skip: int) -> wds.DataPipeline:
         cfg, counts = self.cfg, Counter()

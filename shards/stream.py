@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import webdataset as wds
+from torch.utils.data import DataLoader
 
 from shards import schema
 from shards.collate import Batch
-from shards.pipeline import DomainSize, RankBatches
+from shards.pipeline import DomainSize, Position, RankBatches
 from shards.plan import PLAN_VERSION, BatchRange, EpochPlan, RegroupedPlan, ShardRef, make_plan, regroup, rest_of_epoch
 from shards.stream_config import StreamConfig
 from shards.tokens import load_tokenizer
@@ -91,6 +91,10 @@ class SequenceStream:
         self._plan: EpochPlan | None = None
         self._regrouped: RegroupedPlan | None = None
         """The plan of an epoch resumed from another world size (:meth:`load_state_dict` with ``regroup``)."""
+        self._sizes = [DomainSize(m.n_items, m.n_users) for m in self.manifests]
+        self._position = Position(self.shards, self.world_size, self.cfg)
+        self._loader: DataLoader | None = None
+        """The DataLoader of persistent workers (``cfg.persistent_workers``), made at the first iteration."""
 
     @property
     def fingerprint(self) -> str:
@@ -119,14 +123,33 @@ class SequenceStream:
         if self.rank == 0 and self.starts_epoch:
             _report(plan)
         load_tokenizer(self.cfg.text_model)  # load before forking: workers inherit it instead of each loading it
-        sizes = [DomainSize(m.n_items, m.n_users) for m in self.manifests]
-        dataset = RankBatches(plan, self.rank, self.cfg, self.shards, sizes, self.batches_done)
-        for batch in wds.WebLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers):
+        for batch in self._loader_for(plan):
             self.batches_done += 1
             self.stats.update(batch.stats)
             yield batch
         if self.batches_done != plan.batches:
             raise RuntimeError(f"rank {self.rank} got {self.batches_done} batches, planned {plan.batches}")
+
+    def _loader_for(self, plan: EpochPlan) -> DataLoader:
+        """The DataLoader of this pass: the persistent one, told where to start (workers forked at the first pass
+        serve every epoch, keeping their token and pixel memos), or, without persistent workers or for a regrouped
+        epoch (whose plan the workers cannot make themselves), one whose new workers run this plan alone."""
+        cfg = self.cfg
+        if not (cfg.persistent_workers and cfg.num_workers) or isinstance(plan, RegroupedPlan):
+            dataset = RankBatches(plan, self.rank, cfg, self.shards, self._sizes, self.batches_done)
+            return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers)
+        self._position.set(plan.epoch, self.batches_done)  # before iter(): a (re)started worker reads it
+        if self._loader is None:
+            dataset = RankBatches(self._position, self.rank, cfg, self.shards, self._sizes)
+            self._loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, persistent_workers=True)
+        return self._loader
+
+    def close(self) -> None:
+        """Stop the persistent workers now (they also stop when the stream is garbage-collected); a later iteration
+        starts new ones."""
+        if self._loader is not None and self._loader._iterator is not None:
+            self._loader._iterator._shutdown_workers()
+        self._loader = None
 
     def state_dict(self) -> dict[str, Any]:
         """The position in the stream, as a small JSON-able dict."""

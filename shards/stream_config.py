@@ -28,6 +28,9 @@ class StreamConfig:
     """Sequences per batch on each rank."""
     num_workers: int = 2
     """DataLoader worker processes per rank (0 loads in the training process)."""
+    persistent_workers: bool = True
+    """Keep the workers from one epoch to the next: they are forked once, and keep the texts they tokenized and the
+    images they decoded (image_memo_mb). False starts new workers every epoch. The batches are the same either way."""
     shuffle_buffer: int = 256
     """Raw sequence samples in each worker's shuffle buffer (0 disables). A raw sample carries the JPEG of every
     distinct item of its user (~15 KB each at 224 px: ~600 KB for 40 items), so the buffer holds ~150 MB per worker

@@ -32,6 +32,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def warnings_not_yet_given():
+    """The stream's once-per-process warnings (shards.collate.warn_once) start unsaid in every test: a test that
+    checks one is logged does not depend on which tests met the same (domain, item) before it."""
+    from shards.collate import _logged
+
+    _logged.clear()
+
+
 @pytest.fixture
 def lone_process(monkeypatch):
     """No launcher variables, DeepSpeed on the CPU, offline; the process group shut down afterwards."""
