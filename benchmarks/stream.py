@@ -6,20 +6,23 @@ Everything is measured in one run on one machine, so the ratios compare like wit
 - stream: sequences and images per second through ``SequenceStream`` (tar reading, shuffle, JSON decoding,
   tokenization, JPEG decoding, resize + crop, collation, worker IPC), one epoch, worker start-up included (the
   tokenizer is loaded before, as a training run loads it once), with each process's pixel memo starting empty
-  (:mod:`shards.pixel_memo`: an item image met again in the epoch is not decoded again); and the same epoch with the
-  memo off (``image_memo_mb = 0``: every image decoded every time it is met);
+  (:mod:`shards.pixel_memo`: an item image met again in the epoch is not decoded again); the same epoch with the
+  memo off (``image_memo_mb = 0``: every image decoded every time it is met); and the next epoch of a stream whose
+  persistent workers served the first (``persistent_workers``: not started again, their memos kept), as every epoch
+  after the first of a training run;
 - PIL: the catalog's JPEG bytes, as many as the stream decoded, through ``Image.open(...).convert("RGB")`` alone,
   and through the stream's decode + resize + crop into uint8 batches (as many images a batch as the stream's), in
   this process with one thread.
 
-The four are measured in ``--rounds`` interleaved rounds (stream epoch, stream epoch without the memo, PIL decode,
-PIL + transform; again) and the medians are reported, with the spread of the per-round ratios: on the shared
+The five are measured in ``--rounds`` interleaved rounds (stream epoch, stream epoch without the memo, next epoch,
+PIL decode, PIL + transform; again) and the medians are reported, with the spread of the per-round ratios: on the shared
 machines measured here a process's speed drifts by up to 1.5x within a minute, so one measurement of each in a fixed
 order biases their ratio.
 
 The stream runs in several processes (its DataLoader workers and this one), PIL in one, so images per second of
 wall-clock time do not compare them per core. The ratios are per core: images per CPU-second, counting the CPU time
-of every process involved (this one and its reaped workers, from ``os.times()``). CPU time is also what stays
+of every process involved (this one and its reaped workers, from ``os.times()``; running persistent workers from
+``/proc``). CPU time is also what stays
 meaningful when other jobs share the cores; the wall-clock rates are printed beside it.
 """
 
@@ -117,6 +120,41 @@ def _stream_epoch(folder: Path, opts: BenchOptions, memo_mb: int) -> tuple[int, 
     return sequences, images, batches, *clock.read()
 
 
+def _stream_later_epoch(folder: Path, opts: BenchOptions) -> tuple[int, float, float]:
+    """Images, wall-clock and CPU seconds of epoch 1 of a stream with persistent workers, after its epoch 0: the
+    workers are not started again and keep what their memos hold (CPU counts this process and the workers, read
+    from /proc while they run)."""
+    cfg = StreamConfig(batch_size=opts.batch_size, num_workers=opts.num_workers, image_size=opts.image_size,
+                       image_memo_mb=opts.image_memo_mb, persistent_workers=True)  # fmt: skip
+    pixel_memo(cfg.image_size, cfg.image_memo_mb << 20).clear()
+    stream = SequenceStream([folder], cfg, rank=0, world_size=1)
+    try:
+        for _ in stream:
+            pass
+        stream.set_epoch(1)
+        wall, cpu, images = time.perf_counter(), _own_cpu() + _cpu_of(stream.worker_pids()), 0
+        for batch in stream:
+            images += batch.pixel_values.shape[0]
+        wall, cpu = time.perf_counter() - wall, _own_cpu() + _cpu_of(stream.worker_pids()) - cpu
+    finally:
+        stream.close()
+    return images, wall, max(cpu, 1 / os.sysconf("SC_CLK_TCK"))  # at least the clock's tick: never 0
+
+
+def _own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _cpu_of(pids: Sequence[int]) -> float:
+    """CPU seconds (user + system) the running processes ``pids`` have used, from /proc (Linux)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of the line
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def _catalog_jpegs(folder: Path) -> list[bytes]:
     m = schema.load_manifest(folder)
     return [it.image for s in m.item_shards for raw in read_shard(folder / s.name)
@@ -212,6 +250,7 @@ def _round(out: Path, jpegs: list[bytes], opts: BenchOptions) -> dict[str, float
     and through the transform."""
     sequences, images, batches, stream_s, stream_cpu_s = _stream_epoch(out, opts, opts.image_memo_mb)
     _, no_memo_images, _, no_memo_s, no_memo_cpu_s = _stream_epoch(out, opts, 0)
+    later_images, later_s, later_cpu_s = _stream_later_epoch(out, opts) if opts.num_workers else (0, 1.0, 1.0)
     n = max(images, 1)
     pil, pil_cpu = _pil_rate(jpegs, n, opts.image_size)
     per_batch = -(-n // max(batches, 1))
@@ -221,6 +260,8 @@ def _round(out: Path, jpegs: list[bytes], opts: BenchOptions) -> dict[str, float
         "stream_sequences_per_s": sequences / stream_s,
         "stream_images_per_s": images / stream_s,
         "stream_images_per_cpu_s": images / stream_cpu_s,
+        "stream_later_epoch_images_per_s": later_images / later_s,
+        "stream_later_epoch_images_per_cpu_s": later_images / later_cpu_s,
         "stream_no_memo_images_per_s": no_memo_images / no_memo_s,
         "stream_no_memo_images_per_cpu_s": no_memo_images / no_memo_cpu_s,
         "pil_decode_images_per_s": pil,
@@ -238,10 +279,13 @@ def report(r: dict[str, float], opts: BenchOptions) -> str:
     rows = [
         ("build", f"{r['build_items_per_s']:.0f} items/s ({r['build_interactions_per_s']:.0f} interactions/s)", ""),
         ("stream", f"{r['stream_sequences_per_s']:.0f} sequences/s", ""),
-        (f"stream images (all of the stream), {procs}",
+        (f"stream images, first epoch (all of the stream), {procs}",
          f"{r['stream_images_per_s']:.0f} images/s, {r['stream_images_per_cpu_s']:.0f}/CPU-s",
          f"{r['stream_images_per_cpu_s'] / pil:.2f}x per core"),
-        ("the same, pixel memo off (image_memo_mb = 0)",
+        ("its next epoch, persistent workers (memos kept)",
+         f"{r['stream_later_epoch_images_per_s']:.0f} images/s, {r['stream_later_epoch_images_per_cpu_s']:.0f}/CPU-s",
+         f"{r['stream_later_epoch_images_per_cpu_s'] / pil:.2f}x per core"),
+        ("the first epoch, pixel memo off (image_memo_mb = 0)",
          f"{r['stream_no_memo_images_per_s']:.0f} images/s, {r['stream_no_memo_images_per_cpu_s']:.0f}/CPU-s",
          f"{r['stream_no_memo_images_per_cpu_s'] / pil:.2f}x per core"),
         ("PIL decode only, 1 process", f"{r['pil_decode_images_per_s']:.0f} images/s, {pil:.0f}/CPU-s", "1.00x"),

@@ -144,6 +144,11 @@ class SequenceStream:
             self._loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, persistent_workers=True)
         return self._loader
 
+    def worker_pids(self) -> list[int]:
+        """Process ids of the persistent workers running now (none before the first pass, or after :meth:`close`)."""
+        iterator = None if self._loader is None else self._loader._iterator
+        return [] if iterator is None else [w.pid for w in iterator._workers]
+
     def close(self) -> None:
         """Stop the persistent workers now (they also stop when the stream is garbage-collected); a later iteration
         starts new ones."""

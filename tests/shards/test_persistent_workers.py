@@ -38,7 +38,9 @@ def _stream(domains: list[Domain], persistent: bool, **overrides) -> SequenceStr
 
 
 def _pids(stream: SequenceStream) -> list[int]:
-    return [w.pid for w in stream._loader._iterator._workers]
+    pids = stream.worker_pids()
+    assert len(pids) == stream.cfg.num_workers
+    return pids
 
 
 def test_persistent_workers_give_the_batches_of_new_workers_every_epoch(two_domains: list[Domain]) -> None:
@@ -104,7 +106,7 @@ def test_workers_are_forked_once_and_keep_their_pixel_memo(two_domains: list[Dom
         if persistent:
             assert _pids(stream) == pids
             stream.close()
-            assert stream._loader is None
+            assert stream.worker_pids() == []
     assert counts[True][0] == counts[False][0] > 0  # the first epoch decodes alike
     assert counts[False][1] > 0  # new workers start with empty memos every epoch
     with_image = {(d, it.index) for d, dom in enumerate(two_domains) for it in dom.items if it.image is not None}

@@ -4,6 +4,7 @@ are consistent with each other)."""
 
 from __future__ import annotations
 
+import os
 import statistics
 
 import pytest
@@ -43,3 +44,17 @@ def test_the_ratio_is_the_median_rounds_and_its_spread_holds_it(monkeypatch) -> 
     assert r["fresh_memory_copy_us_per_image"] >= 0 and r["mapped_memory_copy_us_per_image"] >= 0  # 10 ms CPU ticks
     text = stream.report(r, opts)
     assert "3 interleaved rounds" in text and "pixel memo on / off" in text and "fresh shared memory" in text
+
+
+def test_a_later_epoch_is_measured_on_running_persistent_workers(tmp_path) -> None:
+    from shards.build import BuildOptions, build
+    from shards.synth import synthesize
+
+    (source,) = synthesize(tmp_path / "src", domains=["bench"], users_per_domain=30, items_per_domain=40, image_size=48)
+    options = BuildOptions(format="generic", image_size=32, samples_per_shard=8)
+    build(source, tmp_path / "shards", options, progress=False)
+    opts = stream.BenchOptions(image_size=32, batch_size=4, num_workers=2)
+    images, wall, cpu = stream._stream_later_epoch(tmp_path / "shards", opts)
+    assert images > 0 and wall > 0 and cpu > 0
+    own = stream._own_cpu()
+    assert abs(stream._cpu_of([os.getpid()]) - own) < 0.05  # /proc agrees with os.times for this process
