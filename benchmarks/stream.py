@@ -107,8 +107,13 @@ def _timed(fn, *args, **kw) -> tuple[object, float]:
 def _stream_epoch(folder: Path, opts: BenchOptions, memo_mb: int) -> tuple[int, int, int, float, float]:
     """Sequences, images, batches, wall-clock and CPU seconds of one epoch (the workers exit, and are counted, at
     its end), with a pixel memo of ``memo_mb`` that starts empty (as in a new process)."""
-    cfg = StreamConfig(batch_size=opts.batch_size, num_workers=opts.num_workers, image_size=opts.image_size,
-                       image_memo_mb=memo_mb)  # fmt: skip
+    cfg = StreamConfig(
+        batch_size=opts.batch_size,
+        num_workers=opts.num_workers,
+        image_size=opts.image_size,
+        image_memo_mb=memo_mb,
+        persistent_workers=False,
+    )  # fmt: skip  (workers reaped: counted)
     load_tokenizer(cfg.text_model)  # once per run, not per epoch
     pixel_memo(cfg.image_size, cfg.image_memo_mb << 20).clear()  # what workers fork from (or use, without workers)
     stream = SequenceStream([folder], cfg, rank=0, world_size=1)
