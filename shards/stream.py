@@ -92,9 +92,10 @@ class SequenceStream:
         self._regrouped: RegroupedPlan | None = None
         """The plan of an epoch resumed from another world size (:meth:`load_state_dict` with ``regroup``)."""
         self._sizes = [DomainSize(m.n_items, m.n_users) for m in self.manifests]
-        self._position = Position(self.shards, self.world_size, self.cfg)
+        self._position: Position | None = None
         self._loader: DataLoader | None = None
-        """The DataLoader of persistent workers (``cfg.persistent_workers``), made at the first iteration."""
+        """The DataLoader of persistent workers (``cfg.persistent_workers``), made at the first pass with its
+        ``_position``."""
 
     @property
     def fingerprint(self) -> str:
@@ -138,10 +139,11 @@ class SequenceStream:
         if not (cfg.persistent_workers and cfg.num_workers) or isinstance(plan, RegroupedPlan):
             dataset = RankBatches(plan, self.rank, cfg, self.shards, self._sizes, self.batches_done)
             return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers)
-        self._position.set(plan.epoch, self.batches_done)  # before iter(): a (re)started worker reads it
         if self._loader is None:
+            self._position = Position(self.shards, self.world_size, cfg)
             dataset = RankBatches(self._position, self.rank, cfg, self.shards, self._sizes)
             self._loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, persistent_workers=True)
+        self._position.set(plan.epoch, self.batches_done)  # before iter(): a (re)started worker reads it
         return self._loader
 
     def worker_pids(self) -> list[int]:
@@ -154,7 +156,7 @@ class SequenceStream:
         starts new ones."""
         if self._loader is not None and self._loader._iterator is not None:
             self._loader._iterator._shutdown_workers()
-        self._loader = None
+        self._loader = self._position = None
 
     def state_dict(self) -> dict[str, Any]:
         """The position in the stream, as a small JSON-able dict."""
