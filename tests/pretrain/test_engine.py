@@ -121,6 +121,18 @@ def test_resume_from_a_mid_run_checkpoint_gives_the_same_losses(folders, tmp_pat
     assert resumed == {s: expected[s] for s in (4, 5, 6)}  # bit-identical, not merely close
 
 
+def test_persistent_stream_workers_train_as_new_workers_every_epoch_do(folders, tmp_path: Path) -> None:
+    common = ["optim.max_steps=13", "optim.warmup_steps=1", "run.log_every=1", "run.eval_every=0", "run.save_every=0"]
+    common += ["data.stream.num_workers=2"]  # 10 batches an epoch: the run goes into its second
+    runs = {}
+    for persistent in ("true", "false"):
+        out = tmp_path / persistent
+        train(config(folders, out, *common, f"data.stream.persistent_workers={persistent}"))
+        runs[persistent] = losses(out)
+    assert sorted(runs["true"]) == list(range(1, 14))
+    assert runs["true"] == runs["false"]  # bit-identical: the same batches, the same random choices
+
+
 def test_export_equals_the_trained_weights(folders, tmp_path: Path) -> None:
     cfg = config(folders, tmp_path / "run", "optim.max_steps=2", "optim.warmup_steps=1", "run.eval_every=0")
     train(cfg)
