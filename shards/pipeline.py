@@ -29,6 +29,7 @@ from shards import schema
 from shards.collate import Batch, Collator, Example, split_example, warn_once
 from shards.plan import EpochPlan, RegroupedPlan, ShardRef, ShardSlice, drop_batches, make_plan
 from shards.stream_config import Split, StreamConfig
+from shards.tarread import tar_samples
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def _read_slice(
     them in ``handler.counts['missing_samples']``, and a shard found to go on past the manifest's count (read to its
     end to count them) in ``['extra_samples']``, each with a warning."""
     selected = _SampleRange(piece.start, piece.stop, images)
-    samples = wds.tarfile_samples([{"url": piece.url}], handler=handler, select_files=selected)
+    samples = tar_samples(piece.url, handler, selected)
     delivered = 0
     with contextlib.closing(samples):  # stopping early closes the shard now, not whenever it is collected
         for sample in samples:
