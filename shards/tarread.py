@@ -9,7 +9,8 @@ member it does not know, it hands the rest of the shard to ``webdataset``'s ``ta
 a damaged header, a cut member or anything odd at the start of a shard goes the same way, so whatever ``tarfile``
 makes of it (an error counted by the handler, or the archive's silent end at a bad header past the first) is what
 the stream sees. A header that ``tarfile`` would reject past the first member ends the archive here too, silently,
-as ``tarfile`` does.
+as ``tarfile`` does. One difference, on purpose: a member whose base-256 size claims more bytes than the shard holds
+(``tarfile`` would read on through up to 2**88 bytes, 10 KB at a time, for hours) is an error to the handler.
 """
 
 from __future__ import annotations
@@ -80,6 +81,14 @@ def _members(f: IO[bytes], handler: Callable[[Exception], bool], select: Callabl
                 break
             return
         except _Unknown:
+            try:  # tarfile's own verdict on the header: past the first, one it rejects ends the archive silently
+                size = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape").size
+            except tarfile.HeaderError:
+                if offset == 0:
+                    break
+                return
+            if size > length:  # tarfile would read on through up to 2**88 bytes, 10 KB at a time: hours
+                raise tarfile.ReadError(f"member at byte {offset} claims {size} bytes, more than the shard's {length}")
             break
         if size is None:  # the end-of-archive block
             return
@@ -100,6 +109,21 @@ def _content(name: str) -> bool:
     return not ("/" not in name and name.startswith("__") and name.endswith("__")) and not _SKIP_META.match(name)
 
 
+_NUMBERS = ((124, 136), (100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))
+"""The header's numeric fields, as tarfile parses them: size first, then mode, uid, gid, mtime, devmajor, devminor."""
+
+
+def _octal(field: bytes) -> int:
+    """A numeric header field as tarfile's ``nti`` reads it: octal digits up to a NUL, blanks stripped; one it
+    rejects is :class:`_End`, a base-256 one :class:`_Unknown`."""
+    if field[:1] in (b"\x80", b"\xff"):
+        raise _Unknown
+    try:
+        return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        raise _End from None
+
+
 def _parse(header: bytes) -> tuple[str, int | None, bool]:
     """(name, size, is a regular file) of a member header; size None for an end-of-archive block. Raises
     :class:`_End` where ``tarfile`` rejects the header (past the first member it then ends the archive), and
@@ -108,27 +132,20 @@ def _parse(header: bytes) -> tuple[str, int | None, bool]:
         raise _End
     if header.count(0) == BLOCK:
         return "", None, False
-    if header[148] in (0o200, 0o377):
-        raise _Unknown  # a base-256 checksum
-    try:
-        checksum = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
-    except ValueError:
-        raise _End from None
+    checksum = _octal(header[148:156])
     unsigned = sum(header) - sum(header[148:156]) + 8 * 32  # the checksum field counts as 8 spaces
     if checksum != unsigned and checksum != unsigned - 256 * sum(b >= 128 for b in header[:148] + header[156:]):
         raise _End  # neither tarfile's unsigned nor its signed sum
     kind, magic = header[156:157], header[257:265]
-    if magic not in (b"ustar\x0000", b"ustar  \0") or kind not in (*_REGULAR, b"5") or header[124] & 0x80:
-        raise _Unknown  # pax and GNU long names, links, devices, base-256 sizes: tarfile's
+    if magic not in (b"ustar\x0000", b"ustar  \0") or kind not in (*_REGULAR, b"5"):
+        raise _Unknown  # pax and GNU long names, links, devices: tarfile's
     if magic == b"ustar\x0000" and header[345:500].strip(b"\0"):
         raise _Unknown  # a ustar name prefix
     raw = header[:100].split(b"\0", 1)[0]
     if not raw.isascii():
         raise _Unknown
-    try:
-        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-    except ValueError:
-        raise _End from None
+    numbers = [_octal(header[start:stop]) for start, stop in _NUMBERS]  # tarfile parses them all
+    size = numbers[0]
     name = raw.decode("ascii")
     regular = kind in _REGULAR and not (kind == b"\0" and name.endswith("/"))
     return name, size if regular else 0, regular

@@ -117,6 +117,45 @@ def test_damaged_headers_read_the_same(tmp_path: Path, select_range) -> None:
             assert ours == expected, (header, field, value)
 
 
+def test_damaged_fields_under_a_checksum_that_holds_read_the_same(tmp_path: Path) -> None:
+    """A header whose numbers tarfile rejects, though its checksum was made to hold (a crafted shard)."""
+    path = _write(tmp_path / "whole.tar", _sample_members(4))
+    whole = path.read_bytes()
+    with tarfile.open(path) as tar:
+        offsets = [m.offset for m in tar.getmembers()]
+    damaged = tmp_path / "damaged.tar"
+    for header in (offsets[0], offsets[2], offsets[-1]):
+        for field, value in ((100, b"9"), (108, b"z"), (116, b"8"), (124, b"\x80\0\0\0\0\0\0\0\0\0\x01\x00"),
+                             (136, b"q"), (329, b"9"), (337, b"-"), (148, b"\xff")):  # fmt: skip
+            data = bytearray(whole)
+            data[header + field : header + field + len(value)] = value
+            if field != 148:  # a checksum that holds: the header's unsigned sum, the field counted as spaces
+                block = data[header : header + 512]
+                block[148:156] = b" " * 8
+                block[148:156] = b"%06o\0 " % sum(block)
+                data[header : header + 512] = block
+            damaged.write_bytes(bytes(data))
+            expected, ours = _both(damaged)
+            assert ours == expected, (header, field, value)
+
+
+def test_a_size_beyond_the_shard_is_an_error_not_a_read_through_it(tmp_path: Path) -> None:
+    """A base-256 size of 2**88 bytes: tarfile would read on through it, 10 KB at a time, for hours."""
+    path = _write(tmp_path / "whole.tar", _sample_members(4))
+    with tarfile.open(path) as tar:
+        offsets = [m.offset for m in tar.getmembers()]
+    data = bytearray(path.read_bytes())
+    block = data[offsets[3] : offsets[3] + 512]
+    block[124:136] = b"\x80" + b"\xff" * 11
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    data[offsets[3] : offsets[3] + 512] = block
+    path.write_bytes(bytes(data))
+    handler = Recorder()
+    samples = list(tar_samples(str(path), handler))
+    assert handler.errors == ["ReadError"] and [s["__key__"] for s in samples] == ["user00000", "user00001"]
+
+
 def test_a_missing_shard_reaches_the_handler(tmp_path: Path) -> None:
     handler = Recorder()
     assert list(tar_samples(str(tmp_path / "nowhere.tar"), handler)) == [] and handler.errors == ["FileNotFoundError"]
