@@ -104,19 +104,20 @@ def _timed(fn, *args, **kw) -> tuple[object, float]:
     return out, time.perf_counter() - start
 
 
-def _stream_epoch(folder: Path, opts: BenchOptions, memo_mb: int) -> tuple[int, int, int, float, float]:
-    """Sequences, images, batches, wall-clock and CPU seconds of one epoch (the workers exit, and are counted, at
-    its end), with a pixel memo of ``memo_mb`` that starts empty (as in a new process)."""
-    cfg = StreamConfig(
-        batch_size=opts.batch_size,
-        num_workers=opts.num_workers,
-        image_size=opts.image_size,
-        image_memo_mb=memo_mb,
-        persistent_workers=False,
-    )  # fmt: skip  (workers reaped: counted)
+def _new_stream(folder: Path, opts: BenchOptions, memo_mb: int, persistent: bool) -> SequenceStream:
+    """A stream of ``folder`` as ``opts`` say, with a pixel memo of ``memo_mb`` that starts empty (as in a new
+    process: what workers fork from, or use without workers)."""
+    cfg = StreamConfig(batch_size=opts.batch_size, num_workers=opts.num_workers, image_size=opts.image_size,
+                       image_memo_mb=memo_mb, persistent_workers=persistent)  # fmt: skip
     load_tokenizer(cfg.text_model)  # once per run, not per epoch
-    pixel_memo(cfg.image_size, cfg.image_memo_mb << 20).clear()  # what workers fork from (or use, without workers)
-    stream = SequenceStream([folder], cfg, rank=0, world_size=1)
+    pixel_memo(cfg.image_size, cfg.image_memo_mb << 20).clear()
+    return SequenceStream([folder], cfg, rank=0, world_size=1)
+
+
+def _stream_epoch(folder: Path, opts: BenchOptions, memo_mb: int) -> tuple[int, int, int, float, float]:
+    """Sequences, images, batches, wall-clock and CPU seconds of one epoch, with a pixel memo of ``memo_mb`` that
+    starts empty; its workers are its own and exit at its end, so ``os.times`` counts them."""
+    stream = _new_stream(folder, opts, memo_mb, persistent=False)
     clock, sequences, images, batches = _Clock(), 0, 0, 0
     for batch in stream:
         sequences += len(batch)
@@ -129,10 +130,7 @@ def _stream_later_epoch(folder: Path, opts: BenchOptions) -> tuple[int, float, f
     """Images, wall-clock and CPU seconds of epoch 1 of a stream with persistent workers, after its epoch 0: the
     workers are not started again and keep what their memos hold (CPU counts this process and the workers, read
     from /proc while they run)."""
-    cfg = StreamConfig(batch_size=opts.batch_size, num_workers=opts.num_workers, image_size=opts.image_size,
-                       image_memo_mb=opts.image_memo_mb, persistent_workers=True)  # fmt: skip
-    pixel_memo(cfg.image_size, cfg.image_memo_mb << 20).clear()
-    stream = SequenceStream([folder], cfg, rank=0, world_size=1)
+    stream = _new_stream(folder, opts, opts.image_memo_mb, persistent=True)
     try:
         for _ in stream:
             pass

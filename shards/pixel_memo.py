@@ -68,7 +68,7 @@ class PixelMemo:
         return pixels_CSS
 
     def _keep(self, key: tuple[int, int], data: bytes, pixels_CSS: np.ndarray) -> None:
-        cost = pixels_CSS.nbytes + len(data) + _ENTRY_OVERHEAD
+        cost = _cost((data, pixels_CSS))
         if cost > self.max_bytes:
             return
         old = self.entries.pop(key, None)

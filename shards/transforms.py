@@ -130,18 +130,17 @@ def normalize_pixels(
     return pixels.to(work).mul_(scale_C11).sub_(shift_C11).to(dtype)
 
 
-def crop_pixels_chw(img: Image.Image, size: int) -> np.ndarray:
-    """One image -> uint8 (3, S, S) numpy array: resized and center-cropped (:func:`resize_center_crop`)."""
+def crop_pixels_chw(img: Image.Image, size: int, flip: bool = False) -> np.ndarray:
+    """One image -> uint8 (3, S, S) numpy array: resized, center-cropped (:func:`resize_center_crop`), horizontally
+    flipped when ``flip``."""
     out_CHW = np.empty((3, size, size), dtype=np.uint8)
-    _copy_pixels(resize_center_crop(img, size), out_CHW)
+    _copy_pixels(resize_center_crop(img, size), out_CHW, flip)
     return out_CHW
 
 
 def crop_pixels(img: Image.Image, size: int, flip: bool = False) -> torch.Tensor:
-    """One image -> uint8 (3, S, S): resized, center-cropped, horizontally flipped when ``flip``."""
-    out_CHW = torch.empty((3, size, size), dtype=torch.uint8)
-    _copy_pixels(resize_center_crop(img, size), out_CHW.numpy(), flip)
-    return out_CHW
+    """One image -> uint8 (3, S, S) tensor, as :func:`crop_pixels_chw` makes it (sharing its memory)."""
+    return torch.from_numpy(crop_pixels_chw(img, size, flip))
 
 
 def preprocess(
