@@ -21,7 +21,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys, meta_prefix, meta_suffix, tar_file_iterator
 
 BLOCK = tarfile.BLOCKSIZE
 _REGULAR = (b"0", b"\0")
@@ -106,7 +106,8 @@ def _members(f: IO[bytes], handler: Callable[[Exception], bool], select: Callabl
 
 def _content(name: str) -> bool:
     """Not a webdataset meta member (skipped by ``tar_file_iterator`` before ``select_files``)."""
-    return not ("/" not in name and name.startswith("__") and name.endswith("__")) and not _SKIP_META.match(name)
+    meta = "/" not in name and name.startswith(meta_prefix) and name.endswith(meta_suffix)
+    return not meta and not _SKIP_META.match(name)
 
 
 _NUMBERS = ((124, 136), (100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))
